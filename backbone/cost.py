@@ -1,0 +1,115 @@
+"""FLOPs and parameters per block, measured with ``torch.utils.flop_counter.FlopCounterMode``.
+
+FLOPs are what FlopCounterMode counts: convolutions and matrix products, 2 per multiply-add
+(so ResNet-56 is ~0.25 GFLOPs here, the "125M FLOPs" of papers that count multiply-adds).
+Element-wise work (BatchNorm, ReLU, additions) is not counted, as is usual.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from backbone.resnet import CifarResNet, check_keep_mask
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of one call of ``fn`` (run under ``torch.no_grad``), as counted by FlopCounterMode."""
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@dataclass(frozen=True)
+class BackboneCost:
+    """Per-image cost of a skippable backbone.
+
+    ``block_flops[i]``: block ``i`` executed; ``skip_flops[i]``: block ``i`` skipped (its shortcut,
+    nonzero only for an option-B downsampling block).
+    """
+
+    stem_flops: int
+    head_flops: int
+    block_flops: tuple[int, ...]
+    skip_flops: tuple[int, ...]
+    stem_params: int
+    head_params: int
+    block_params: tuple[int, ...]
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.block_flops)
+
+    @property
+    def full_flops(self) -> int:
+        return self.stem_flops + self.head_flops + sum(self.block_flops)
+
+    @property
+    def min_flops(self) -> int:
+        return self.stem_flops + self.head_flops + sum(self.skip_flops)
+
+    @property
+    def total_params(self) -> int:
+        return self.stem_params + self.head_params + sum(self.block_params)
+
+    def mask_flops(self, keep_mask: torch.Tensor) -> torch.Tensor:
+        """FLOPs per image (float64, shape (batch,)) of running the backbone with ``keep_mask``."""
+        if keep_mask.dim() == 1:
+            keep_mask = keep_mask.unsqueeze(0)
+        keep = check_keep_mask(keep_mask, keep_mask.shape[0], self.num_blocks).double()
+        kept = torch.tensor(self.block_flops, dtype=torch.float64)
+        skipped = torch.tensor(self.skip_flops, dtype=torch.float64)
+        return self.stem_flops + self.head_flops + keep @ kept + (1 - keep) @ skipped
+
+    def flops_ratio(self, keep_mask: torch.Tensor, extra_flops: float = 0.0) -> torch.Tensor:
+        """Per-image FLOPs of the masked backbone (plus ``extra_flops``, e.g. a policy) over the full one."""
+        return (self.mask_flops(keep_mask) + extra_flops) / self.full_flops
+
+    def as_dict(self) -> dict:
+        return {
+            "full_flops": self.full_flops,
+            "min_flops": self.min_flops,
+            "stem_flops": self.stem_flops,
+            "head_flops": self.head_flops,
+            "block_flops": list(self.block_flops),
+            "skip_flops": list(self.skip_flops),
+            "total_params": self.total_params,
+            "block_params": list(self.block_params),
+        }
+
+
+def measure_backbone_cost(model: CifarResNet, image_size: int = 32) -> BackboneCost:
+    """Measure every block on one image of size ``image_size`` by running it under FlopCounterMode."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    x = torch.zeros(1, 3, image_size, image_size, device=device)
+    block_flops, skip_flops = [], []
+    with torch.no_grad():
+        stem_flops = count_flops(lambda: model.stem(x))
+        h = model.stem(x)
+        for block in model.blocks:
+            block_flops.append(count_flops(lambda: block(h)))
+            skip_flops.append(count_flops(lambda: block.skip(h)))
+            h = block(h)
+        head_flops = count_flops(lambda: model.head(h))
+    model.train(was_training)
+    stem_params = count_params(model.conv1) + count_params(model.bn1)
+    return BackboneCost(
+        stem_flops=stem_flops,
+        head_flops=head_flops,
+        block_flops=tuple(block_flops),
+        skip_flops=tuple(skip_flops),
+        stem_params=stem_params,
+        head_params=count_params(model.fc),
+        block_params=tuple(count_params(b) for b in model.blocks),
+    )

@@ -1,0 +1,457 @@
+"""Image datasets as in-memory uint8 tensors, and batching/augmentation that runs on the device.
+
+Sources: a built-in synthetic shape dataset (offline, with a known difficulty per image),
+CIFAR-10/100 (the standard python-pickle folders) and ImageFolder trees of JPEG/PNG files
+(decoded once, then cached). Every loader returns an :class:`ImageDataset`. Images stay uint8
+(the model normalises its own input), so a whole CIFAR split fits on the device and batches are
+cut and augmented there, without a CPU data pipeline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import pickle
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from backbone.errors import ConfigError, DatasetError
+from backbone.synthetic import SHAPES, render_synthetic
+
+log = logging.getLogger(__name__)
+
+DATASETS = ("synthetic", "cifar10", "cifar100", "imagefolder")
+CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+#: Synthetic split sizes used when ``load_dataset(..., synthetic_size=None)``.
+SYNTHETIC_SIZES = {"train": 10_000, "test": 2_000}
+
+
+@dataclass
+class ImageDataset:
+    """A labelled image set held in memory.
+
+    ``images``: uint8 (N, 3, H, W); ``labels``: int64 (N,); ``classes``: class names (index =
+    label); ``difficulty``: int64 (N,) difficulty level per image (synthetic data), else None.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: list[str]
+    difficulty: torch.Tensor | None = None
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        n = self.images.shape[0]
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4 or self.images.shape[1] != 3:
+            raise ValueError(f"images must be uint8 (N, 3, H, W), got {self.images.dtype} {tuple(self.images.shape)}")
+        if self.labels.shape != (n,) or (self.difficulty is not None and self.difficulty.shape != (n,)):
+            raise ValueError(f"labels and difficulty must have shape ({n},)")
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def subset(self, indices: torch.Tensor | Sequence[int]) -> ImageDataset:
+        """The images at ``indices`` (in that order) with their labels and difficulty."""
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        difficulty = None if self.difficulty is None else self.difficulty[idx.to(self.difficulty.device)]
+        return ImageDataset(self.images[idx.to(self.images.device)], self.labels[idx.to(self.labels.device)],
+                            list(self.classes), difficulty, self.name)
+
+
+# ----------------------------------------------------------------------------- synthetic shapes
+def make_synthetic(
+    num_images: int, num_classes: int = 10, image_size: int = 32, seed: int = 0, difficulty_levels: int = 4
+) -> ImageDataset:
+    """The built-in synthetic dataset (arguments: ``backbone.synthetic.render_synthetic``)."""
+    images, labels, difficulty, classes = render_synthetic(num_images, num_classes, image_size, seed, difficulty_levels)
+    return ImageDataset(images, labels, classes, difficulty, "synthetic")
+
+
+# ----------------------------------------------------------------------------- CIFAR-10 / CIFAR-100
+CIFAR_LAYOUT = {  # name: (folder, train files, test files, meta file, label key, class-names key)
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "batches.meta",
+                b"labels", b"label_names"),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], "meta", b"fine_labels", b"fine_label_names"),
+}
+# A pickle runs whatever callables it names, so only those that rebuild an ndarray are allowed
+# (plus _codecs.encode, which protocol-2 pickles written by Python 3 use for bytes).
+_PICKLE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+}
+_NUMPY_2 = int(np.__version__.split(".")[0]) >= 2
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickler that builds only NumPy arrays and plain containers; any other global is refused."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
+        if _NUMPY_2 and module.startswith("numpy.core."):  # numpy 2 renamed it (old name warns)
+            module = "numpy._core." + module[len("numpy.core."):]
+        return super().find_class(module, name)
+
+
+def _read_pickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            content = _ArrayUnpickler(f, encoding="bytes").load()
+    except Exception as exc:  # whatever went wrong, the file is not a CIFAR pickle we can use
+        raise DatasetError(f"cannot read CIFAR file {path}: {exc}") from exc
+    if not isinstance(content, dict):
+        raise DatasetError(f"cannot read CIFAR file {path}: expected a dict, got {type(content).__name__}")
+    return content
+
+
+def load_cifar(name: str, root: str | os.PathLike, train: bool, download: bool = False) -> ImageDataset:
+    """CIFAR-10, or CIFAR-100 with its 100 fine labels, read from ``<root>/cifar-10-batches-py/``
+    or ``<root>/cifar-100-python/`` (the "python version" archives).
+
+    ``train``: training split (else test). ``download``: if the folder is missing, let
+    torchvision fetch and extract it into ``root`` (needs internet).
+    """
+    if name not in CIFAR_LAYOUT:
+        raise DatasetError(f"unknown CIFAR dataset {name!r}: expected one of {sorted(CIFAR_LAYOUT)}")
+    folder, train_files, test_files, meta_file, label_key, names_key = CIFAR_LAYOUT[name]
+    directory, files = Path(root) / folder, (train_files if train else test_files)
+    missing = not all((directory / f).is_file() for f in files + [meta_file])
+    if missing and download:
+        import torchvision
+
+        try:
+            getattr(torchvision.datasets, name.upper())(str(root), train=train, download=True)
+            missing = False
+        except (OSError, RuntimeError) as exc:  # no internet: urllib's URLError is an OSError
+            log.warning("downloading %s failed: %s", name, exc)
+    if missing:
+        raise DatasetError(
+            f"{name} not found: expected the folder {directory}/ containing {', '.join(files + [meta_file])}. "
+            f"Download the python version from {CIFAR_URL} and extract it into {Path(root)}/, "
+            "or set `download: true` to fetch it (needs internet)."
+        )
+    names = _read_pickle(directory / meta_file).get(names_key, [])
+    classes = [c.decode() if isinstance(c, bytes) else str(c) for c in names]
+    images, labels = [], []
+    for file in files:
+        batch = _read_pickle(directory / file)
+        rows, batch_labels = batch.get(b"data"), batch.get(label_key)
+        if not isinstance(rows, np.ndarray) or rows.ndim != 2 or rows.shape[1] != 3072 \
+                or batch_labels is None or len(batch_labels) != len(rows):
+            raise DatasetError(f"cannot read CIFAR file {directory / file}: expected b'data' (N, 3072) and {label_key!r} (N,)")
+        # A row holds the red, green, then blue 32x32 plane, each row-major: exactly CHW order.
+        images.append(torch.from_numpy(np.ascontiguousarray(rows, dtype=np.uint8)).view(-1, 3, 32, 32))
+        labels.append(torch.as_tensor(np.asarray(batch_labels, dtype=np.int64)))
+    labels_t = torch.cat(labels)
+    if len(labels_t) and not 0 <= labels_t.min() <= labels_t.max() < len(classes):
+        raise DatasetError(f"{directory / meta_file}: {names_key!r} lists {len(classes)} classes, too few for the labels")
+    return ImageDataset(torch.cat(images), labels_t, classes, None, name)
+
+
+# ----------------------------------------------------------------------------- ImageFolder trees
+def default_cache_dir() -> Path:
+    """``$DYNDEPTH_CACHE`` if set, else ``~/.cache/dyndepth``."""
+    return Path(os.environ.get("DYNDEPTH_CACHE") or Path.home() / ".cache" / "dyndepth")
+
+
+def _decode(path: Path) -> torch.Tensor:
+    from torchvision.io import ImageReadMode, decode_image
+
+    return decode_image(torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8), mode=ImageReadMode.RGB)
+
+
+def load_imagefolder(
+    root: str | os.PathLike, train: bool, cache_dir: str | os.PathLike | None = None, progress: bool = True
+) -> ImageDataset:
+    """Images from ``<root>/{train,test}/<class>/*.jpg|jpeg|png`` (torchvision's ImageFolder layout).
+
+    The classes are the sub-folders of ``<root>/train`` in alphabetical order, for both splits;
+    other files are ignored; all images must have one size. The decoded split is cached in
+    ``cache_dir`` (default :func:`default_cache_dir`) under a hash of the folder's absolute path,
+    the split and every file's (path, size, mtime), so a changed tree is decoded afresh.
+    ``progress``: show a progress bar while decoding.
+    """
+    root, split = Path(root).expanduser().resolve(), ("train" if train else "test")
+    split_dir = root / split
+    if not (root / "train").is_dir() or not split_dir.is_dir():
+        raise DatasetError(f"image folder not found: expected {root}/train/<class>/*.jpg and {root}/test/<class>/*.jpg")
+    classes = sorted(e.name for e in os.scandir(root / "train") if e.is_dir())
+    unknown = sorted({e.name for e in os.scandir(split_dir) if e.is_dir()} - set(classes))
+    if unknown:
+        raise DatasetError(f"{split_dir}: class folders {unknown} are missing from {root / 'train'}")
+    files = []  # (path relative to split_dir, label, stat), by class then file name
+    for label, cls in enumerate(classes):
+        if (split_dir / cls).is_dir():
+            for entry in sorted(os.scandir(split_dir / cls), key=lambda e: e.name):
+                if entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                    files.append((f"{cls}/{entry.name}", label, entry.stat()))
+    if not files:
+        raise DatasetError(f"no .jpg/.jpeg/.png images found in {split_dir}/<class>/")
+
+    key = hashlib.sha256(f"imagefolder-v1\0{root}\0{split}".encode())
+    for rel, _, st in files:
+        key.update(f"\0{rel}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    cache_file = Path(cache_dir or default_cache_dir()) / f"imagefolder-{root.name}-{split}-{key.hexdigest()[:20]}.pt"
+    labels = torch.tensor([label for _, label, _ in files], dtype=torch.long)
+    images = _load_cache(cache_file, labels, classes)
+    if images is None:
+        images = _decode_all(split_dir, [rel for rel, _, _ in files], progress)
+        _save_cache(cache_file, {"images": images, "labels": labels, "classes": classes})
+    return ImageDataset(images, labels, classes, None, root.name)
+
+
+def _decode_all(split_dir: Path, files: list[str], progress: bool) -> torch.Tensor:
+    from tqdm import tqdm
+
+    images = None
+    with warnings.catch_warnings():  # torchvision >= 0.29 warns on every decode call
+        warnings.filterwarnings("ignore", "The image decoding and encoding capabilities", DeprecationWarning)
+        for i, rel in enumerate(tqdm(files, desc=f"decoding {split_dir}", disable=not progress, unit="img")):
+            try:
+                img = _decode(split_dir / rel)
+            except (RuntimeError, OSError, ValueError) as exc:  # ValueError: empty file
+                raise DatasetError(f"cannot decode image {split_dir / rel}: {exc}") from exc
+            if images is None:  # the first image fixes the size of all
+                images = torch.empty((len(files),) + tuple(img.shape), dtype=torch.uint8)
+            elif img.shape != images.shape[1:]:
+                raise DatasetError(f"{split_dir / rel} is {tuple(img.shape[1:])} pixels but {split_dir / files[0]} "
+                                   f"is {tuple(images.shape[2:])}: all images must have one size")
+            images[i] = img
+    return images
+
+
+def _load_cache(path: Path, labels: torch.Tensor, classes: list[str]) -> torch.Tensor | None:
+    """The cached images, or None if the cache is missing, unreadable or does not fit."""
+    if not path.is_file():
+        return None
+    try:
+        content = torch.load(path, weights_only=True)
+        images = content["images"]
+        if content["classes"] == classes and torch.equal(content["labels"], labels) \
+                and images.dtype == torch.uint8 and images.dim() == 4 and len(images) == len(labels):
+            return images
+        log.warning("ignoring cache %s: it does not match the image folder", path)
+    except Exception as exc:  # a cache is disposable: any problem just means decoding again
+        log.warning("ignoring unreadable cache %s: %s", path, exc)
+    return None
+
+
+def _save_cache(path: Path, content: dict) -> None:
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Write a temporary file and rename it: a crash or a concurrent run never leaves a
+        # half-written file under the final name.
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            torch.save(content, f)
+        os.replace(tmp, path)
+    except OSError as exc:  # without a cache the next run is slower, not wrong
+        log.warning("could not write cache %s: %s", path, exc)
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# ----------------------------------------------------------------------------- entry point, split
+def load_dataset(
+    name: str,
+    root: str | os.PathLike | None = None,
+    train: bool = True,
+    download: bool = False,
+    cache_dir: str | os.PathLike | None = None,
+    synthetic_size: int | None = None,
+    seed: int = 0,
+    num_classes: int = 10,
+    progress: bool = True,
+) -> ImageDataset:
+    """The training (``train=True``) or test split of dataset ``name``, one of ``DATASETS``.
+
+    ``root``: cifar: folder holding ``cifar-*-python`` (default ``data``); imagefolder: the tree
+    (required). ``download``: cifar only. ``cache_dir``, ``progress``: imagefolder only.
+    ``synthetic_size``, ``seed``, ``num_classes``: synthetic only; the size defaults to
+    ``SYNTHETIC_SIZES``, and the splits use seeds ``2 * seed`` (train) and ``2 * seed + 1`` (test).
+    """
+    if name == "synthetic":
+        size = SYNTHETIC_SIZES["train" if train else "test"] if synthetic_size is None else synthetic_size
+        return make_synthetic(size, num_classes=num_classes, seed=2 * seed + (0 if train else 1))
+    if name in CIFAR_LAYOUT:
+        return load_cifar(name, "data" if root is None else root, train, download)
+    if name == "imagefolder":
+        if root is None:
+            raise DatasetError("dataset 'imagefolder' needs a root folder holding train/ and test/")
+        return load_imagefolder(root, train, cache_dir, progress)
+    raise DatasetError(f"unknown dataset {name!r}: expected one of {', '.join(DATASETS)}")
+
+
+def split_train_val(dataset: ImageDataset, val_fraction: float, seed: int = 0) -> tuple[ImageDataset, ImageDataset]:
+    """Split into (train, val), stratified: each class puts ``val_fraction`` of its images in val.
+
+    Deterministic in ``seed``; both parts keep the original order; every class keeps at least
+    one training image. Used to hold out images the backbone never trained on for the policy.
+    """
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    g = torch.Generator().manual_seed(seed)
+    labels, in_val = dataset.labels.cpu(), torch.zeros(len(dataset), dtype=torch.bool)
+    for cls in range(dataset.num_classes):
+        members = (labels == cls).nonzero().squeeze(1)
+        n_val = min(round(len(members) * val_fraction), max(len(members) - 1, 0))
+        in_val[members[torch.randperm(len(members), generator=g)[:n_val]]] = True
+    return dataset.subset(torch.nonzero(~in_val).squeeze(1)), dataset.subset(torch.nonzero(in_val).squeeze(1))
+
+
+@dataclass
+class DataConfig:
+    """The data of a run: dataset ``name`` (one of ``DATASETS``) and how it is split.
+
+    ``val_fraction`` of the training split is held out (stratified, seeded by ``split_seed``):
+    the backbone never trains on it, so the policy can learn on images the backbone has not
+    memorised. ``max_train_images``/``max_test_images`` take a stratified subset (quick CPU runs
+    on real data). ``train_size``, ``test_size``, ``num_classes``, ``seed``: synthetic data only.
+    """
+
+    name: str = "synthetic"
+    root: str | None = None
+    download: bool = False
+    val_fraction: float = 0.1
+    split_seed: int = 0
+    max_train_images: int | None = None
+    max_test_images: int | None = None
+    train_size: int = SYNTHETIC_SIZES["train"]
+    test_size: int = SYNTHETIC_SIZES["test"]
+    num_classes: int = 10
+    seed: int = 0
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.name in DATASETS, f"data.name must be one of {', '.join(DATASETS)}, got {self.name!r}"),
+            (0 <= self.val_fraction < 1, f"data.val_fraction must be in [0, 1), got {self.val_fraction}"),
+            (self.train_size >= 1 and self.test_size >= 1, "data.train_size and data.test_size must be >= 1"),
+            (1 <= self.num_classes <= len(SHAPES), f"data.num_classes must be in [1, {len(SHAPES)}]"),
+            (all(n is None or n >= 1 for n in (self.max_train_images, self.max_test_images)),
+             "data.max_train_images / max_test_images must be >= 1 (or null for all)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+
+@dataclass
+class Splits:
+    """``train``: the backbone's training images; ``val``: held out of the training split;
+    ``test``: the test split, for final evaluation only."""
+
+    train: ImageDataset
+    val: ImageDataset
+    test: ImageDataset
+
+
+def load_splits(cfg: DataConfig) -> Splits:
+    """Load train/val/test of ``cfg`` (decoding or generating once; cached where possible)."""
+    kwargs = dict(root=cfg.root, download=cfg.download, cache_dir=cfg.cache_dir, seed=cfg.seed, num_classes=cfg.num_classes)
+    full_train = load_dataset(cfg.name, train=True, synthetic_size=cfg.train_size, **kwargs)
+    test = load_dataset(cfg.name, train=False, synthetic_size=cfg.test_size, **kwargs)
+    full_train = _stratified_subset(full_train, cfg.max_train_images, cfg.split_seed)
+    test = _stratified_subset(test, cfg.max_test_images, cfg.split_seed)
+    train, val = split_train_val(full_train, cfg.val_fraction, cfg.split_seed)
+    return Splits(train, val, test)
+
+
+def _stratified_subset(dataset: ImageDataset, size: int | None, seed: int) -> ImageDataset:
+    if size is None or size >= len(dataset):
+        return dataset
+    return split_train_val(dataset, size / len(dataset), seed)[1]
+
+
+# ----------------------------------------------------------------------------- device batching
+def augment_batch(
+    images: torch.Tensor, generator: torch.Generator | None = None, padding: int = 4, flip: bool = True
+) -> torch.Tensor:
+    """Standard CIFAR augmentation of a uint8 batch (B, C, H, W): a random crop of the zero-padded
+    image, then a random horizontal flip; output has the input's shape, dtype and device.
+
+    One gather on ``images.device``, no per-image loop. ``generator`` draws the offsets and
+    flips; it may live on the CPU while ``images`` is on a GPU (the draws are moved over, and the
+    result is then the same on every device). None uses the global RNG of ``images.device``.
+    """
+    b, c, h, w = images.shape
+    device = images.device
+    rng_device = generator.device if generator is not None else device
+    dy = torch.randint(0, 2 * padding + 1, (b, 1), generator=generator, device=rng_device).to(device)
+    dx = torch.randint(0, 2 * padding + 1, (b, 1), generator=generator, device=rng_device).to(device)
+    mirror = (torch.rand(b, 1, generator=generator, device=rng_device) < 0.5).to(device)
+    cols = torch.arange(w, device=device).expand(b, w)
+    if flip:  # a flip only reverses the column order, so it joins the same gather
+        cols = torch.where(mirror, w - 1 - cols, cols)
+    rows, cols = dy + torch.arange(h, device=device), dx + cols  # (B, H), (B, W) in the padded image
+    padded = F.pad(images, (padding, padding, padding, padding))
+    batch_idx = torch.arange(b, device=device)[:, None, None, None]
+    channel_idx = torch.arange(c, device=device)[None, :, None, None]
+    return padded[batch_idx, channel_idx, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+class BatchLoader:
+    """Batches ``(images_uint8, labels)`` of a dataset that is copied to ``device`` once.
+
+    Epoch ``e`` takes its order and augmentation from a CPU generator seeded by ``(seed, e)``,
+    so any epoch replays exactly after a resume. ``shuffle=False``: dataset order (evaluation).
+    ``drop_last``: drop a final short batch. ``augment``: :func:`augment_batch` with ``padding``.
+    """
+
+    def __init__(
+        self,
+        dataset: ImageDataset,
+        batch_size: int,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        augment: bool = False,
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+        padding: int = 4,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.images, self.labels = dataset.images.to(device), dataset.labels.to(device)
+        self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
+        self.augment, self.padding, self.seed, self.epoch = augment, padding, seed, 0
+
+    def __len__(self) -> int:
+        n = len(self.images)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch that ``iter(loader)`` yields."""
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.epoch_batches(self.epoch)
+
+    def epoch_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches of epoch ``epoch``: the same for the same (seed, epoch)."""
+        # SeedSequence mixes (seed, epoch) into unrelated streams; "seed + epoch" would make
+        # seed 1's epoch 0 replay seed 0's epoch 1.
+        g = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, epoch]).generate_state(1, np.uint64)[0]))
+        n = len(self.images)
+        order = (torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)).to(self.images.device)
+        for i in range(len(self)):
+            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+            images = self.images.index_select(0, idx)
+            if self.augment:
+                images = augment_batch(images, g, self.padding)
+            yield images, self.labels.index_select(0, idx)

@@ -1,0 +1,283 @@
+"""CIFAR ResNets (He et al. 2016, section 4.2) whose residual blocks can be skipped per sample.
+
+The 3n residual blocks of a depth-(6n+2) network form one flat, indexable sequence
+(``model.blocks[i]``). ``model(x, keep_mask)`` runs block ``i`` only on the rows whose
+``keep_mask[:, i]`` is set; the other rows take the block's shortcut (the identity, or for a
+downsampling block its strided shortcut). Skipped rows therefore cost nothing, unlike
+"compute then multiply by the mask".
+
+Module names follow the published CIFAR-ResNet layout (``conv1``, ``bn1``, ``layer{1,2,3}.{i}``,
+``fc``) so that public state dicts load with little renaming (see ``backbone.weights``).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+#: Per-channel input statistics; the model normalises its own input (uint8 or float in [0, 1]).
+NORMALIZATION = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    # Several public CIFAR checkpoints (e.g. the widely used option-A ResNets) were trained
+    # with ImageNet statistics; import them with normalization="imagenet".
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+}
+
+SHORTCUTS = ("A", "B")
+
+
+class ShortcutA(nn.Module):
+    """Parameter-free shortcut: strided subsampling and zero channel padding on both sides."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int):
+        super().__init__()
+        self.stride = stride
+        self.pad_front = (planes - in_planes) // 2
+        self.pad_back = planes - in_planes - self.pad_front
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :, :: self.stride, :: self.stride]
+        return F.pad(x, (0, 0, 0, 0, self.pad_front, self.pad_back))
+
+
+def _shortcut(in_planes: int, planes: int, stride: int, kind: str) -> nn.Module:
+    if stride == 1 and in_planes == planes:
+        return nn.Identity()
+    if kind == "A":
+        return ShortcutA(in_planes, planes, stride)
+    return nn.Sequential(
+        nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes)
+    )
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions with a shortcut: ``relu(shortcut(x) + gate * residual(x))``."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, shortcut: str = "A"):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = _shortcut(in_planes, planes, stride, shortcut)
+        self.out_planes = planes
+        self.stride = stride
+
+    @property
+    def downsamples(self) -> bool:
+        return not isinstance(self.shortcut, nn.Identity)
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+        residual = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        if gate is not None:
+            # gate is 1 for every row that gets here; multiplying keeps the value and lets a
+            # differentiable gate receive d(loss)/d(gate) = <grad, residual>.
+            residual = residual * gate.view(-1, 1, 1, 1).to(residual.dtype)
+        return F.relu(self.shortcut(x) + residual)
+
+    def skip(self, x: torch.Tensor) -> torch.Tensor:
+        """What a row whose keep bit is clear gets: the shortcut alone."""
+        return self.shortcut(x)
+
+
+def run_block_masked(
+    block: BasicBlock,
+    x: torch.Tensor,
+    keep_rows: torch.Tensor,
+    skip_rows: torch.Tensor,
+    gate: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Run ``block`` only on rows ``keep_rows``; rows ``skip_rows`` take the shortcut.
+
+    ``keep_rows``/``skip_rows`` are 1-D index tensors on ``x.device`` that partition the batch.
+    ``gate`` (optional) holds the differentiable gate values of the kept rows.
+    """
+    if skip_rows.numel() == 0:
+        return block(x, gate)
+    if keep_rows.numel() == 0:
+        return block.skip(x)
+    kept = block(x.index_select(0, keep_rows), gate)
+    if not block.downsamples:
+        # Identity shortcut: skipped rows keep their activation; index_copy is out of place,
+        # so autograd sees both paths.
+        return x.index_copy(0, keep_rows, kept)
+    skipped = block.skip(x.index_select(0, skip_rows))
+    out = kept.new_empty((x.shape[0],) + tuple(kept.shape[1:]))
+    out.index_copy_(0, keep_rows, kept)
+    out.index_copy_(0, skip_rows, skipped)
+    return out
+
+
+class CifarResNet(nn.Module):
+    """ResNet for 32x32 inputs: stem, three stages of ``n`` basic blocks, global pool, linear."""
+
+    def __init__(
+        self,
+        depth: int,
+        num_classes: int = 10,
+        shortcut: str = "A",
+        width: int = 16,
+        normalization: str | tuple = "cifar10",
+    ):
+        super().__init__()
+        if (depth - 2) % 6 != 0 or depth < 8:
+            raise ValueError(f"CIFAR ResNet depth must be 6n+2 with n >= 1 (8, 14, 20, 32, 56, 110, ...), got {depth}")
+        if shortcut not in SHORTCUTS:
+            raise ValueError(f"shortcut must be one of {SHORTCUTS}, got {shortcut!r}")
+        if num_classes < 1 or width < 1:
+            raise ValueError(f"num_classes and width must be positive, got {num_classes}, {width}")
+        mean, std = _normalization(normalization)
+        n = (depth - 2) // 6
+        self.arch = {
+            "depth": depth,
+            "num_classes": num_classes,
+            "shortcut": shortcut,
+            "width": width,
+            "normalization": [list(mean), list(std)],
+        }
+        # Not persistent: public state dicts do not carry them; our checkpoints keep them in "arch".
+        self.register_buffer("input_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("input_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+        self.conv1 = nn.Conv2d(3, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        in_planes = width
+        for stage, planes in enumerate((width, 2 * width, 4 * width), start=1):
+            blocks = []
+            for i in range(n):
+                stride = 2 if (stage > 1 and i == 0) else 1
+                blocks.append(BasicBlock(in_planes, planes, stride, shortcut))
+                in_planes = planes
+            self.add_module(f"layer{stage}", nn.Sequential(*blocks))
+        self.fc = nn.Linear(in_planes, num_classes)
+        self.feature_dim = in_planes
+        # A plain tuple, not a ModuleList: the blocks are already registered under layer{1,2,3},
+        # and a second registration would duplicate every key in the state dict.
+        self._blocks = tuple(self.layer1) + tuple(self.layer2) + tuple(self.layer3)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        # Zero-init the last BN of each block: every block starts as the identity, which helps
+        # deep nets train and makes skipping a block an initially harmless change.
+        for block in self._blocks:
+            nn.init.zeros_(block.bn2.weight)
+
+    @property
+    def blocks(self) -> tuple[BasicBlock, ...]:
+        return self._blocks
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self._blocks)
+
+    @property
+    def depth(self) -> int:
+        return self.arch["depth"]
+
+    @property
+    def num_classes(self) -> int:
+        return self.arch["num_classes"]
+
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise the input (uint8 or float in [0, 1]) and apply the first convolution."""
+        if x.dtype == torch.uint8:
+            x = x.float().div_(255)
+        x = (x - self.input_mean) / self.input_std
+        return F.relu(self.bn1(self.conv1(x)))
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+    def forward(self, x: torch.Tensor, keep_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits for images ``x`` (batch, 3, H, W).
+
+        ``keep_mask``: optional (batch, num_blocks) bool or 0/1 tensor; row ``r`` runs block ``i``
+        only where ``keep_mask[r, i]`` is set. A floating mask that requires grad acts as a
+        hard differentiable gate: kept rows multiply their residual by it (value 1), so its
+        gradient flows; skipped rows have no residual and get no gradient.
+        """
+        x = self.stem(x)
+        if keep_mask is None:
+            for block in self._blocks:
+                x = block(x)
+            return self.head(x)
+        keep_cpu = check_keep_mask(keep_mask, x.shape[0], self.num_blocks)
+        with_gate = keep_mask.is_floating_point() and keep_mask.requires_grad
+        device = x.device
+        for i, block in enumerate(self._blocks):
+            column = keep_cpu[:, i]
+            keep_rows = column.nonzero().squeeze(1).to(device, non_blocking=True)
+            skip_rows = (~column).nonzero().squeeze(1).to(device, non_blocking=True)
+            gate = keep_mask[keep_rows, i] if with_gate else None
+            x = run_block_masked(block, x, keep_rows, skip_rows, gate)
+        return self.head(x)
+
+
+def check_keep_mask(keep_mask: torch.Tensor, batch: int, num_blocks: int) -> torch.Tensor:
+    """Validate a keep mask and return it as a bool tensor on the CPU.
+
+    The one host copy per forward is deliberate: the row indices of every block are derived from
+    it on the host, so the per-block loop needs no further device synchronisation.
+    """
+    if not isinstance(keep_mask, torch.Tensor):
+        raise TypeError(f"keep_mask must be a torch.Tensor, got {type(keep_mask).__name__}")
+    if keep_mask.shape != (batch, num_blocks):
+        raise ValueError(
+            f"keep_mask must have shape (batch, num_blocks) = ({batch}, {num_blocks}), "
+            f"got {tuple(keep_mask.shape)}"
+        )
+    mask = keep_mask.detach().cpu()
+    if mask.dtype != torch.bool:
+        if ((mask != 0) & (mask != 1)).any():
+            raise ValueError("keep_mask must contain only 0/1 (or bool) values")
+        mask = mask != 0
+    return mask
+
+
+def _normalization(spec: str | Sequence) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    if isinstance(spec, str):
+        if spec not in NORMALIZATION:
+            raise ValueError(f"normalization must be one of {sorted(NORMALIZATION)} or [mean, std], got {spec!r}")
+        return NORMALIZATION[spec]
+    mean, std = (tuple(float(v) for v in part) for part in spec)
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise ValueError(f"normalization [mean, std] needs 3 means and 3 positive stds, got {spec!r}")
+    return mean, std
+
+
+def parse_depth(name_or_depth: str | int) -> int:
+    """``56``, ``"56"``, ``"resnet56"`` and ``"ResNet-56"`` all mean depth 56."""
+    if isinstance(name_or_depth, int):
+        return name_or_depth
+    match = re.fullmatch(r"(?:resnet[-_]?)?(\d+)", str(name_or_depth).strip().lower())
+    if not match:
+        raise ValueError(f"unknown architecture {name_or_depth!r}: expected e.g. 'resnet56' or 56")
+    return int(match.group(1))
+
+
+def build_resnet(
+    name_or_depth: str | int,
+    num_classes: int = 10,
+    shortcut: str = "A",
+    width: int = 16,
+    normalization: str | Sequence = "cifar10",
+) -> CifarResNet:
+    """Build a CIFAR ResNet: ``build_resnet("resnet56", 100)``; depth must be 6n+2.
+
+    ``shortcut``: "A" (parameter-free, as in the paper's CIFAR experiments) or "B" (1x1 conv + BN).
+    ``width``: channels of the first stage (16 in the paper); stages use width, 2w, 4w.
+    ``normalization``: input statistics, a name from ``NORMALIZATION`` or ``[mean, std]``.
+    """
+    return CifarResNet(parse_depth(name_or_depth), num_classes, shortcut, width, normalization)

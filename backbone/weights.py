@@ -1,0 +1,317 @@
+"""Checkpoints: our own format, written atomically, and import of public CIFAR-ResNet weights.
+
+Our checkpoint is a plain dict that ``torch.load(..., weights_only=True)`` can read::
+
+    {"format": "dyndepth", "version": 1, "arch": model.arch, "model": model.state_dict(), **extra}
+
+``load_weights`` also takes the layouts public CIFAR ResNets are commonly published in (a bare
+state dict or one under "state_dict"/"model"; "module." prefixes; a "linear" classifier;
+"downsample" shortcuts) and explains a mismatch in terms of the architecture, not of key lists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import re
+import uuid
+import warnings
+from collections import Counter, OrderedDict
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from backbone.errors import CheckpointError
+from backbone.resnet import CifarResNet
+
+FORMAT = "dyndepth"
+VERSION = 1
+ARCH_FIELDS = ("depth", "num_classes", "shortcut", "width")
+
+# Exact types, not isinstance: numpy.float64 subclasses float but pickles as a numpy global,
+# which weights_only loading refuses.
+_PLAIN = (str, bytes, bytearray, int, float, bool, complex, type(None),
+          torch.dtype, torch.device, torch.Size)
+_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP and torch.compile wrappers
+_RENAMES = (
+    (re.compile(r"^linear\."), "fc."),
+    (re.compile(r"^(layer\d+\.\d+)\.downsample\."), r"\1.shortcut."),
+)
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, **extra: Any) -> Path:
+    """Write ``model`` and ``extra`` (epoch, metrics, optimizer/RNG state ...) to ``path``.
+
+    ``extra`` may hold only tensors, dicts, lists, tuples and plain scalars, so that the file
+    loads with ``weights_only=True``. The file is written under a temporary name and renamed into
+    place: a crash or a full disk never damages an existing checkpoint at ``path``.
+    """
+    model = _unwrap(model)
+    if not isinstance(getattr(model, "arch", None), dict):
+        raise TypeError(f"save_checkpoint needs a CifarResNet (with .arch), got {type(model).__name__}")
+    reserved = sorted(set(extra) & {"format", "version", "arch"})
+    if reserved:
+        raise ValueError(f"extra fields {reserved} are reserved by the checkpoint format")
+    for key, value in extra.items():
+        _check_plain(value, key)
+    payload = {"format": FORMAT, "version": VERSION, "arch": model.arch, "model": model.state_dict()}
+    payload.update(extra)
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # os.open honours the umask (tempfile would always create 0600 files).
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())  # the data must be on disk before the rename makes it visible
+        os.replace(tmp, path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if not isinstance(err, (OSError, RuntimeError)):  # RuntimeError: torch's zip writer
+            raise
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise CheckpointError(
+            f"checkpoint {path} could not be written ({reason}); any previous file there is unchanged"
+        ) from err
+    with contextlib.suppress(OSError):  # make the rename durable; not possible on every OS
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Read a checkpoint onto the CPU, never unpickling anything but tensors and plain data."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint file {path} does not exist")
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint path {path} is a directory, not a file")
+    try:
+        with path.open("rb") as f:
+            head = f.read(4)
+        if not head:
+            raise CheckpointError(f"checkpoint file {path} is empty")
+        # torch.save writes a zip archive ("PK..."); legacy files and raw pickles start with 0x80.
+        if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+            raise CheckpointError(f"{path} is not a PyTorch checkpoint (unrecognised file format)")
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))  # what the weights-only unpickler refused
+        if not found:
+            detail = str(err).split(". ")[0]
+            raise CheckpointError(f"checkpoint file {path} is truncated or corrupt ({detail})") from err
+        raise CheckpointError(
+            f"{path} is not a plain-tensor checkpoint: it needs Python objects ({found.group(1)}) "
+            "and we refuse to unpickle them because that "
+            "can run arbitrary code; if you trust its source, load it yourself with "
+            "torch.load(weights_only=False) and pass its state dict to load_weights"
+        ) from err
+    except (OSError, RuntimeError, EOFError, ValueError, KeyError, IndexError) as err:
+        detail = str(err).split(". ")[0] or type(err).__name__  # torch's messages run long
+        raise CheckpointError(f"checkpoint file {path} is truncated or corrupt ({detail})") from err
+    if not isinstance(checkpoint, Mapping):
+        raise CheckpointError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict")
+    if checkpoint.get("format") == FORMAT and checkpoint.get("version", 0) > VERSION:
+        raise CheckpointError(f"{path} has dyndepth checkpoint format version {checkpoint['version']}; "
+                              f"this dyndepth reads versions up to {VERSION}")
+    return dict(checkpoint)
+
+
+def load_weights(model: nn.Module, source: str | os.PathLike | Mapping, strict: bool = True) -> nn.Module:
+    """Load a checkpoint file, or an already loaded checkpoint/state dict, into ``model``.
+
+    Takes our checkpoints and the usual public CIFAR-ResNet layouts (see the module docstring).
+    ``strict=False`` tolerates missing and unexpected keys, never shape mismatches. Raises
+    ``CheckpointError`` naming what differs (depth, classes, shortcut, width, keys, shapes).
+    Returns ``model``.
+    """
+    if isinstance(source, Mapping):
+        _load_into(_unwrap(model), source, "the given checkpoint", strict)
+    else:
+        _load_into(_unwrap(model), load_checkpoint(source), str(source), strict)
+    return model
+
+
+def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> CifarResNet:
+    """Build the network described by a dyndepth checkpoint's ``arch`` and load its weights."""
+    checkpoint = load_checkpoint(path)
+    if checkpoint.get("format") != FORMAT:
+        try:
+            call = _build_call(infer_arch(checkpoint))
+        except CheckpointError:
+            call = "build_resnet(...)"
+        raise CheckpointError(
+            f"{path} is not a dyndepth checkpoint, so it does not say which network to build; build "
+            f"the model with backbone.resnet.{call} and call backbone.weights.load_weights(model, path)"
+        )
+    arch = checkpoint.get("arch")
+    try:
+        model = CifarResNet(**{k: arch[k] for k in (*ARCH_FIELDS, "normalization") if k in arch})
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path} has an invalid 'arch' entry {arch!r}: {err}") from err
+    _load_into(model, checkpoint, str(path), strict=True)
+    return model.to(map_location)
+
+
+def infer_arch(state_dict: Mapping) -> dict:
+    """Depth, num_classes, shortcut and width of a CIFAR-ResNet state dict (any accepted layout)."""
+    hints = _arch_hints(_canonical_keys(_split(state_dict, "state dict")[0], "state dict"))
+    unknown = [k for k in ARCH_FIELDS if hints[k] is None]
+    if unknown:
+        raise CheckpointError(f"cannot infer {', '.join(unknown)}: the state dict has no conv1.weight, "
+                              "layer1.<i>.* or fc/linear.weight keys, so it is not a CIFAR ResNet")
+    return hints
+
+
+def _load_into(model: CifarResNet, checkpoint: Mapping, name: str, strict: bool) -> None:
+    state, declared = _split(checkpoint, name)
+    state = _canonical_keys(state, name)
+    source_arch = declared if declared is not None else _arch_hints(state)
+    expected = model.state_dict()
+    for key, value in expected.items():
+        # Checkpoints older than PyTorch 0.4.1 lack the BN counter; it does not affect outputs.
+        bn = key.removesuffix("num_batches_tracked")
+        if bn != key and key not in state and bn + "running_mean" in state:
+            state[key] = value
+    norm = (declared or {}).get("normalization")
+    if norm is not None and not torch.allclose(torch.tensor(norm), torch.tensor(model.arch["normalization"])):
+        warnings.warn(f"{name} was trained with input normalization {norm} but the model "
+                      f"normalises with {model.arch['normalization']}", stacklevel=3)
+
+    arch_diffs = _arch_differences(source_arch, model.arch)
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [
+        f"{k} is {tuple(state[k].shape) if torch.is_tensor(state[k]) else type(state[k]).__name__} "
+        f"in the checkpoint but {tuple(v.shape)} in the model"
+        for k, v in expected.items()
+        if k in state and not (torch.is_tensor(state[k]) and state[k].shape == v.shape)
+    ]
+    if strict and arch_diffs:
+        problems = arch_diffs  # the architecture explains the key and shape lists: leave them out
+    else:
+        problems = [f"missing keys {_few(missing)}"] if strict and missing else []
+        problems += [f"unexpected keys {_few(unexpected)}"] if strict and unexpected else []
+        problems += [f"shape mismatches: {_few(shapes)}"] if shapes else []
+        problems = arch_diffs + problems if problems else []
+    if problems:
+        message = f"{name} does not fit the model: {'; '.join(problems)}"
+        if arch_diffs and all(source_arch.get(k) is not None for k in ARCH_FIELDS):
+            message += f". A matching model is {_build_call(source_arch)}"
+        raise CheckpointError(message)
+    try:
+        model.load_state_dict(state, strict=strict)
+    except RuntimeError as err:  # not expected after the checks above; keep the error type
+        raise CheckpointError(f"{name} could not be loaded into the model: {err}") from err
+
+
+def _split(checkpoint: Mapping, name: str) -> tuple[dict, dict | None]:
+    """The state dict inside ``checkpoint`` and, for our format, the declared ``arch``."""
+    if checkpoint.get("format") == FORMAT:
+        if not all(isinstance(checkpoint.get(k), Mapping) for k in ("model", "arch")):
+            raise CheckpointError(f"{name} is a dyndepth checkpoint without a 'model' or 'arch' dict")
+        return dict(checkpoint["model"]), dict(checkpoint["arch"])
+    for key in ("state_dict", "model"):
+        if isinstance(checkpoint.get(key), Mapping):
+            return dict(checkpoint[key]), None
+    if checkpoint and all(torch.is_tensor(v) for v in checkpoint.values()):
+        return dict(checkpoint), None
+    raise CheckpointError(f"{name} holds no state dict: expected tensors at the top level or under "
+                          f"'state_dict' or 'model', found keys {_few(list(checkpoint))}")
+
+
+def _canonical_keys(state: dict, name: str) -> dict:
+    """Our spelling of public keys: no wrapper prefix, linear -> fc, downsample -> shortcut."""
+    renamed = {}
+    for key, value in state.items():
+        new = str(key)
+        while new.startswith(_PREFIXES):
+            new = new.split(".", 1)[1]
+        for pattern, replacement in _RENAMES:
+            new = pattern.sub(replacement, new)
+        if new in renamed:
+            raise CheckpointError(f"{name} has two keys that both mean {new!r} (e.g. 'fc.' and 'linear.')")
+        renamed[new] = value
+    return renamed
+
+
+def _arch_hints(state: Mapping) -> dict:
+    """What the weights reveal about the architecture; None where they do not say."""
+    def rows(key: str, ndim: int) -> int | None:
+        value = state.get(key)
+        return value.shape[0] if torch.is_tensor(value) and value.dim() == ndim else None
+
+    indices = [int(m.group(1)) for k in state if (m := re.match(r"layer1\.(\d+)\.", k))]
+    blocks = max(indices) + 1 if indices else None
+    conv_shortcut = any(re.match(r"layer\d+\.\d+\.shortcut\.", k) for k in state)
+    return {
+        "depth": 6 * blocks + 2 if blocks else None,
+        "num_classes": rows("fc.weight", 2),
+        # Option A has no parameters: a net with blocks but no shortcut keys is option A.
+        "shortcut": "B" if conv_shortcut else ("A" if blocks else None),
+        "width": rows("conv1.weight", 4),
+    }
+
+
+def _arch_differences(source: Mapping, model: Mapping) -> list[str]:
+    diffs = []
+    depth, model_depth = source.get("depth"), model["depth"]
+    if depth is not None and depth != model_depth:
+        diffs.append(f"checkpoint has {(depth - 2) // 6} blocks per stage (ResNet-{depth}) but the "
+                     f"model has {(model_depth - 2) // 6} (ResNet-{model_depth})")
+    if source.get("num_classes") not in (None, model["num_classes"]):
+        diffs.append(f"checkpoint classifier has {source['num_classes']} classes but the model "
+                     f"{model['num_classes']}")
+    if source.get("shortcut") not in (None, model["shortcut"]):
+        kind = ("option-B shortcuts (1x1 conv)" if source["shortcut"] == "B"
+                else "option-A shortcuts (no parameters)")
+        diffs.append(f"checkpoint uses {kind} but the model was built with shortcut={model['shortcut']!r}")
+    if source.get("width") not in (None, model["width"]):
+        diffs.append(f"checkpoint has width {source['width']} (first-stage channels) but the model "
+                     f"{model['width']}")
+    return diffs
+
+
+def _check_plain(value: Any, where: str) -> None:
+    """Refuse, before writing, a value that weights_only loading could not read back."""
+    if type(value) in (dict, OrderedDict, Counter):  # Counter: MultiStepLR milestones
+        for key, item in value.items():
+            _check_plain(key, f"{where} key")
+            _check_plain(item, f"{where}[{key!r}]")
+    elif type(value) in (list, tuple, set):
+        for i, item in enumerate(value):
+            _check_plain(item, f"{where}[{i}]")
+    elif not (torch.is_tensor(value) or type(value) in _PLAIN):
+        raise CheckpointError(
+            f"checkpoint field {where} is a {type(value).__module__}.{type(value).__qualname__}; only "
+            "tensors, dicts, lists, tuples and plain scalars load safely (convert it, e.g. with float())"
+        )
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The network inside DataParallel/DDP (``.module``) or torch.compile (``._orig_mod``)."""
+    while True:
+        inner = getattr(model, "module", None)
+        inner = inner if isinstance(inner, nn.Module) else getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def _build_call(arch: Mapping) -> str:
+    return (f"build_resnet({arch['depth']}, num_classes={arch['num_classes']}, "
+            f"shortcut={arch['shortcut']!r}, width={arch['width']})")
+
+
+def _few(items: list, limit: int = 5) -> str:
+    shown = ", ".join(str(item) for item in items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")

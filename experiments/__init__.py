@@ -1,0 +1,1 @@
+"""Experiment scripts: thin command-line interfaces over the library (``python -m experiments.<script>``)."""

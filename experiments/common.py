@@ -1,0 +1,125 @@
+"""What every experiment script shares: argument parsing, the run directory, clean error exits."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Callable
+
+from backbone.errors import ConfigError, DyndepthError
+from experiments.config import ExperimentConfig, dump_config, load_config, to_dict
+
+
+def experiment_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", required=True, help="YAML file, or a preset name from experiments/configs")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set pretrain.epochs=5 (repeatable)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in the existing run directory")
+    parser.add_argument("--overwrite", action="store_true", help="delete an existing run directory and start over")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    return parser
+
+
+def prepare_run_dir(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False) -> Path:
+    """Create (or reuse, with ``resume``) the run directory and write the resolved ``config.yaml``.
+
+    An existing run is never silently replaced: without ``--resume``/``--overwrite`` it is an error,
+    and ``--resume`` with a different config is an error naming the keys that differ.
+    """
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other")
+    run_dir = cfg.run_dir
+    saved = run_dir / "config.yaml"
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if overwrite:
+            shutil.rmtree(run_dir)
+        elif not resume:
+            raise ConfigError(
+                f"run directory {run_dir} already exists; pass --resume to continue it, "
+                f"--overwrite to delete it and start over, or choose another name with --set name=..."
+            )
+        elif saved.exists():
+            differences = _config_differences(_read_yaml(saved), to_dict(cfg))
+            if differences:
+                raise ConfigError(
+                    f"--resume: the config differs from the one in {saved} at {', '.join(differences)}; "
+                    f"resume with the same config or start a new run"
+                )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, saved)
+    return run_dir
+
+
+def _read_yaml(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def _config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    keys = sorted(set(old) | set(new))
+    out = []
+    for key in keys:
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _config_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key} ({a!r} -> {b!r})")
+    return out
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write JSON atomically (temp file + rename): a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def update_metrics(run_dir: Path, stage: str, metrics: dict) -> dict:
+    """Store one stage's metrics under its name in ``run_dir/metrics.json``."""
+    path = run_dir / "metrics.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data[stage] = metrics
+    write_json(path, data)
+    return data
+
+
+def tensorboard_writer(run_dir: Path, stage: str):
+    """One log tree per run: ``tensorboard --logdir runs/<name>/tb`` shows every stage."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(run_dir / "tb" / stage))
+
+
+def cli(main: Callable[[argparse.Namespace], int | None], parser: argparse.ArgumentParser) -> None:
+    """Run ``main(args)``; a ``DyndepthError`` becomes one line on stderr and exit status 2."""
+    args = parser.parse_args()
+    try:
+        code = main(args)
+    except DyndepthError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted; the last finished checkpoint is kept: rerun with --resume", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)
+
+
+def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
+    return load_config(args.config, args.overrides)

@@ -1,0 +1,162 @@
+"""Experiment configs: YAML presets validated against dataclasses, with ``--set key=value`` overrides.
+
+Validation happens before any heavy work: an unknown key (with a "did you mean" hint), a value
+of the wrong type, or an out-of-range value is a ``ConfigError`` naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from backbone.data import DataConfig
+from backbone.errors import ConfigError
+from backbone.resnet import NORMALIZATION, SHORTCUTS, parse_depth
+from backbone.train import TrainConfig
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass
+class ModelConfig:
+    """The backbone. ``init_checkpoint``: weights to import instead of training from scratch."""
+
+    arch: str = "resnet20"
+    shortcut: str = "A"
+    width: int = 16
+    normalization: typing.Any = "cifar10"  # a name from backbone.NORMALIZATION or [mean, std]
+    init_checkpoint: typing.Optional[str] = None
+
+    def __post_init__(self) -> None:
+        try:
+            depth = parse_depth(self.arch)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if (depth - 2) % 6 or depth < 8:
+            raise ConfigError(f"model.arch {self.arch!r}: CIFAR ResNet depth must be 6n+2 (8, 14, 20, 32, 56, 110, ...)")
+        if self.shortcut not in SHORTCUTS:
+            raise ConfigError(f"model.shortcut must be one of {list(SHORTCUTS)}, got {self.shortcut!r}")
+        if self.width < 1:
+            raise ConfigError(f"model.width must be >= 1, got {self.width}")
+        if isinstance(self.normalization, str) and self.normalization not in NORMALIZATION:
+            raise ConfigError(f"model.normalization must be one of {sorted(NORMALIZATION)} or [mean, std]")
+
+
+@dataclass
+class ExperimentConfig:
+    """One run directory: ``<output_dir>/<name>/``."""
+
+    name: str = "quickstart"
+    output_dir: str = "runs"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name or self.name in (".", ".."):
+            raise ConfigError(f"name must be a plain directory name, got {self.name!r}")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls, data: dict, prefix: str = ""):
+    """Build dataclass ``cls`` from nested ``data``, checking keys and types on the way."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown config key '{name}'{hint}; valid keys: {', '.join(sorted(fields))}")
+        kwargs[key] = _coerce(hints[key], value, name)
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        raise ConfigError(f"{prefix}{exc}" if prefix and not str(exc).startswith(prefix) else str(exc)) from None
+
+
+def _coerce(tp, value, name: str):
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value if value is not None else {}, prefix=f"{name}.")
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        tp = next(a for a in args if a is not type(None))
+        origin = typing.get_origin(tp)
+    if tp is typing.Any:
+        return value
+    expected = origin or tp
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is bool and not isinstance(value, bool):
+        raise ConfigError(f"config key '{name}' must be true or false, got {value!r}")
+    if expected is int and isinstance(value, bool):
+        raise ConfigError(f"config key '{name}' must be an integer, got {value!r}")
+    if not isinstance(value, expected):
+        raise ConfigError(f"config key '{name}' must be of type {expected.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    """``"pretrain.lr=0.05"`` → (["pretrain", "lr"], 0.05); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    if not key.strip():
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> ExperimentConfig:
+    """Read a YAML preset (a path, or a name in ``experiments/configs``), apply overrides, validate."""
+    data: dict = {}
+    if path is not None:
+        file = Path(path)
+        if not file.exists() and (CONFIG_DIR / f"{path}.yaml").exists():
+            file = CONFIG_DIR / f"{path}.yaml"
+        if not file.is_file():
+            presets = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+            raise ConfigError(f"config file {path} not found (presets: {presets})")
+        try:
+            data = yaml.safe_load(file.read_text()) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {file} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {file} must hold a mapping of keys, not {type(data).__name__}")
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {text}: '{key}' is not a section")
+        node[keys[-1]] = value
+    return from_dict(ExperimentConfig, data)
+
+
+def dump_config(cfg, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,58 @@
+import pytest
+
+from backbone.errors import ConfigError
+from experiments.config import CONFIG_DIR, load_config
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+def test_every_preset_is_valid(preset):
+    cfg = load_config(preset)
+    assert cfg.name == preset
+    assert cfg.pretrain.epochs >= 1
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config("quickstart", ["pretrain.lr=0.05", "model.arch=resnet14", "data.root=/x", "pretrain.milestones=[0.3, 0.6]"])
+    assert cfg.pretrain.lr == 0.05 and cfg.model.arch == "resnet14" and cfg.data.root == "/x"
+    assert cfg.pretrain.milestones == [0.3, 0.6]
+    assert load_config("quickstart", ["pretrain.lr=1"]).pretrain.lr == 1.0  # int accepted for float
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("pretrain.lrr=0.1", "unknown config key 'pretrain.lrr' (did you mean 'pretrain.lr'?)"),
+        ("modle.arch=resnet20", "unknown config key 'modle' (did you mean 'model'?)"),
+        ("pretrain.lr=abc", "config key 'pretrain.lr' must be of type float"),
+        ("pretrain.epochs=2.5", "config key 'pretrain.epochs' must be of type int"),
+        ("pretrain.nesterov=1", "config key 'pretrain.nesterov' must be true or false"),
+        ("pretrain.batch_size=0", "batch_size must be >= 1"),
+        ("pretrain.stochastic_depth=1.5", "stochastic_depth"),
+        ("data.val_fraction=1.0", "data.val_fraction must be in [0, 1)"),
+        ("data.name=imagenet", "data.name must be one of"),
+        ("model.arch=resnet21", "6n+2"),
+        ("model.arch=vgg", "unknown architecture"),
+        ("model.shortcut=C", "model.shortcut"),
+        ("model.normalization=foo", "model.normalization"),
+        ("name=a/b", "plain directory name"),
+        ("pretrain=3", "pretrain must be a mapping"),
+        ("novalue", "key=value"),
+    ],
+)
+def test_bad_values_name_the_field(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config("quickstart", [override])
+    assert message in str(info.value)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found .*quickstart"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("pretrain: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(listy)

@@ -1,0 +1,38 @@
+import pytest
+import torch
+
+from backbone import build_resnet
+from backbone.cost import count_flops, measure_backbone_cost
+
+
+@pytest.mark.parametrize("shortcut", ["A", "B"])
+def test_mask_flops_are_stem_head_and_kept_blocks(shortcut):
+    model = build_resnet(20, num_classes=10, shortcut=shortcut, width=8)
+    cost = measure_backbone_cost(model)
+    assert cost.num_blocks == 9 and all(f > 0 for f in cost.block_flops)
+    # Whole-network count equals the sum of the parts.
+    assert count_flops(lambda: model(torch.zeros(1, 3, 32, 32))) == cost.full_flops
+    mask = torch.tensor([[1, 0, 1, 0, 0, 1, 1, 0, 1], [0] * 9], dtype=torch.bool)
+    flops = cost.mask_flops(mask)
+    expected0 = cost.stem_flops + cost.head_flops + sum(
+        f if keep else s for f, s, keep in zip(cost.block_flops, cost.skip_flops, mask[0].tolist())
+    )
+    assert flops[0].item() == expected0
+    assert flops[1].item() == cost.min_flops
+    # A masked forward counted by FlopCounterMode agrees with the table (real skipping).
+    assert count_flops(lambda: model(torch.zeros(1, 3, 32, 32), mask[:1])) == expected0
+
+
+def test_skip_cost_only_for_option_b_downsampling():
+    a = measure_backbone_cost(build_resnet(14, shortcut="A", width=8))
+    b = measure_backbone_cost(build_resnet(14, shortcut="B", width=8))
+    assert all(s == 0 for s in a.skip_flops)
+    assert [s > 0 for s in b.skip_flops] == [False, False, True, False, True, False]
+
+
+def test_resnet56_size_matches_the_paper():
+    cost = measure_backbone_cost(build_resnet(56))
+    # He et al. 2016: ResNet-56 has 0.85 M parameters; ~125 M multiply-adds = ~250 M FLOPs.
+    assert 0.84e6 < cost.total_params < 0.87e6
+    assert 240e6 < cost.full_flops < 260e6
+    assert cost.flops_ratio(torch.ones(1, 27)).item() == pytest.approx(1.0)

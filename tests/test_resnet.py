@@ -1,0 +1,133 @@
+import pytest
+import torch
+
+from backbone import build_resnet
+from backbone.resnet import parse_depth
+
+
+def _random_bn(model):
+    # Zero-initialised bn2 makes every block the identity; randomise so skipping changes outputs.
+    for block in model.blocks:
+        torch.nn.init.uniform_(block.bn2.weight, 0.5, 1.5)
+        torch.nn.init.normal_(block.bn2.bias, std=0.1)
+    return model
+
+
+@pytest.mark.parametrize("depth,blocks", [(8, 3), (14, 6), (20, 9), (32, 15), (56, 27), (110, 54)])
+def test_depths_and_flat_block_sequence(depth, blocks):
+    model = build_resnet(f"resnet{depth}", num_classes=7, width=4)
+    assert model.num_blocks == blocks and len(model.blocks) == blocks
+    assert model.blocks[blocks // 3] is model.layer2[0] and model.blocks[-1] is model.layer3[-1]
+    assert model(torch.rand(2, 3, 32, 32)).shape == (2, 7)
+
+
+def test_arch_names_and_bad_depth():
+    assert parse_depth("ResNet-56") == parse_depth("resnet56") == parse_depth(56) == 56
+    with pytest.raises(ValueError, match="6n\\+2"):
+        build_resnet(21)
+    with pytest.raises(ValueError, match="unknown architecture"):
+        build_resnet("vgg16")
+    with pytest.raises(ValueError, match="shortcut"):
+        build_resnet(20, shortcut="C")
+
+
+@pytest.mark.parametrize("shortcut", ["A", "B"])
+def test_shortcut_parameters(shortcut):
+    model = build_resnet(14, width=4, shortcut=shortcut)
+    downsampling = [b for b in model.blocks if b.downsamples]
+    assert len(downsampling) == 2
+    params = sum(p.numel() for b in downsampling for p in b.shortcut.parameters())
+    assert (params == 0) == (shortcut == "A")
+
+
+def test_uint8_input_equals_scaled_float():
+    model = build_resnet(8, width=4).eval()
+    x = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    torch.testing.assert_close(model(x), model(x.float() / 255))
+
+
+@pytest.mark.parametrize("shortcut", ["A", "B"])
+def test_all_ones_mask_equals_plain_forward(shortcut):
+    model = _random_bn(build_resnet(20, width=8, shortcut=shortcut)).eval()
+    x = torch.rand(5, 3, 32, 32)
+    ones = torch.ones(5, model.num_blocks, dtype=torch.bool)
+    assert torch.equal(model(x, ones), model(x))
+    assert torch.equal(model(x, ones.float()), model(x))
+
+
+@pytest.mark.parametrize("shortcut", ["A", "B"])
+def test_mixed_mask_rows_equal_rows_run_alone(shortcut):
+    model = _random_bn(build_resnet(20, width=8, shortcut=shortcut)).eval()
+    x = torch.rand(8, 3, 32, 32)
+    mask = torch.rand(8, model.num_blocks) < 0.5
+    mask[0] = True
+    mask[1] = False
+    out = model(x, mask)
+    alone = torch.cat([model(x[i : i + 1], mask[i : i + 1]) for i in range(8)])
+    torch.testing.assert_close(out, alone, rtol=1e-4, atol=1e-5)
+    # Different masks really give different outputs (the mask is not ignored).
+    assert not torch.allclose(out[0], model(x[:1], torch.zeros(1, model.num_blocks, dtype=torch.bool))[0])
+
+
+@pytest.mark.parametrize("shortcut", ["A", "B"])
+def test_skipped_block_takes_shortcut(shortcut):
+    model = _random_bn(build_resnet(14, width=4, shortcut=shortcut)).eval()
+    x = torch.rand(2, 3, 32, 32)
+    down = next(i for i, b in enumerate(model.blocks) if b.downsamples)
+    mask = torch.ones(2, model.num_blocks, dtype=torch.bool)
+    mask[:, down] = False
+    with torch.no_grad():
+        h = model.stem(x)
+        for i, block in enumerate(model.blocks):
+            h = block.shortcut(h) if i == down else block(h)
+        expected = model.head(h)
+    torch.testing.assert_close(model(x, mask), expected)
+
+
+def test_skipped_block_is_not_executed():
+    model = build_resnet(14, width=4).eval()
+    calls = []
+    for i, block in enumerate(model.blocks):
+        block.conv1.register_forward_hook(lambda m, inp, out, i=i: calls.append((i, inp[0].shape[0])))
+    mask = torch.ones(4, model.num_blocks, dtype=torch.bool)
+    mask[:, 2] = False  # no row runs block 2
+    mask[1:, 4] = False  # only row 0 runs block 4
+    model(torch.rand(4, 3, 32, 32), mask)
+    batch_per_block = dict(calls)
+    assert 2 not in batch_per_block
+    assert batch_per_block[4] == 1 and batch_per_block[0] == 4
+
+
+def test_gradients_flow_through_kept_blocks_only():
+    model = _random_bn(build_resnet(14, width=4))
+    x = torch.rand(4, 3, 32, 32)
+    mask = torch.ones(4, model.num_blocks, dtype=torch.bool)
+    mask[:, 3] = False
+    mask[:2, 5] = False
+    model(x, mask).sum().backward()
+    assert model.blocks[3].conv1.weight.grad is None
+    for i in (0, 1, 2, 4, 5):
+        assert model.blocks[i].conv1.weight.grad.abs().sum() > 0
+    assert model.conv1.weight.grad.abs().sum() > 0 and model.fc.weight.grad.abs().sum() > 0
+
+
+def test_float_mask_with_grad_acts_as_hard_gate():
+    model = _random_bn(build_resnet(8, width=4)).eval()
+    x = torch.rand(3, 3, 32, 32)
+    gate = torch.tensor([[1.0, 0.0, 1.0]] * 3, requires_grad=True)
+    out = model(x, gate)
+    torch.testing.assert_close(out, model(x, gate.detach().bool()))
+    out.sum().backward()
+    assert gate.grad[:, 0].abs().sum() > 0 and gate.grad[:, 2].abs().sum() > 0
+    assert torch.all(gate.grad[:, 1] == 0)
+
+
+def test_bad_masks_are_rejected():
+    model = build_resnet(8, width=4)
+    x = torch.rand(2, 3, 32, 32)
+    with pytest.raises(ValueError, match="shape"):
+        model(x, torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="0/1"):
+        model(x, torch.full((2, 3), 0.5))
+    with pytest.raises(TypeError):
+        model(x, [[1, 1, 1], [1, 1, 1]])

@@ -1,0 +1,165 @@
+import math
+
+import pytest
+import torch
+
+from backbone import build_resnet
+from backbone.data import ImageDataset, make_synthetic
+from backbone.errors import ConfigError
+from backbone.train import (
+    TrainConfig,
+    build_optimizer,
+    build_scheduler,
+    evaluate,
+    stochastic_depth_sampler,
+    train,
+)
+from backbone.weights import load_checkpoint
+
+
+@pytest.fixture(scope="module")
+def tiny_data():
+    return make_synthetic(256, num_classes=4, seed=3), make_synthetic(64, num_classes=4, seed=4)
+
+
+def _cfg(**kw):
+    base = dict(epochs=2, batch_size=32, lr=0.05, warmup_epochs=0, eval_batch_size=64)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_a_few_epochs_reduce_the_loss():
+    # Classes that differ in colour: learnable in a few dozen steps, so the loop must learn them.
+    labels = torch.arange(128) % 4
+    colours = torch.tensor([[200, 30, 30], [30, 200, 30], [30, 30, 200], [200, 200, 30]], dtype=torch.uint8)
+    noise = torch.randint(0, 40, (128, 3, 32, 32), dtype=torch.uint8)
+    images = colours[labels][:, :, None, None] + noise
+    train_set = ImageDataset(images, labels, ["r", "g", "b", "y"])
+    val_set = train_set.subset(range(32))
+    model = build_resnet(8, num_classes=4, width=8)
+    before = evaluate(model, train_set)["loss"]
+    result = train(model, train_set, val_set, _cfg(epochs=6, batch_size=16, augment=False))
+    after = evaluate(model, train_set)["loss"]
+    assert after < 0.5 * before
+    assert [r["epoch"] for r in result["history"]] == list(range(1, 7))
+    assert all("val_accuracy" in r for r in result["history"])
+
+
+class _KillDuringEpoch:
+    """A TensorBoard stand-in that interrupts training while epoch ``kill_epoch`` is being logged."""
+
+    def __init__(self, steps_per_epoch: int, kill_epoch: int):
+        self.kill_step = steps_per_epoch * kill_epoch
+
+    def add_scalar(self, tag, value, step):
+        if step >= self.kill_step:
+            raise KeyboardInterrupt
+
+    def flush(self):
+        pass
+
+
+def test_resume_after_interrupt_gives_the_same_weights(tiny_data, tmp_path):
+    train_set, val_set = tiny_data
+    cfg = _cfg(epochs=3, stochastic_depth=0.3)
+    torch.manual_seed(1)
+    straight = build_resnet(8, num_classes=4, width=4)
+    train(straight, train_set, val_set, cfg, checkpoint_dir=tmp_path / "a", seed=5)
+
+    torch.manual_seed(1)
+    interrupted = build_resnet(8, num_classes=4, width=4)
+    with pytest.raises(KeyboardInterrupt):
+        train(interrupted, train_set, val_set, cfg, checkpoint_dir=tmp_path / "b", seed=5,
+              writer=_KillDuringEpoch(256 // 32, kill_epoch=2))
+    assert load_checkpoint(tmp_path / "b" / "last.pt")["epoch"] == 1
+    resumed = build_resnet(8, num_classes=4, width=4)  # fresh weights: all state comes from the checkpoint
+    train(resumed, train_set, val_set, cfg, checkpoint_dir=tmp_path / "b", seed=5, resume=True)
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    state = load_checkpoint(tmp_path / "b" / "last.pt")
+    assert state["epoch"] == 3 and len(state["history"]) == 3
+    assert (tmp_path / "b" / "best.pt").exists()
+
+
+def test_stochastic_depth_drop_rates_grow_linearly():
+    sample = stochastic_depth_sampler(4, drop_last=0.4, schedule="linear")
+    gen = torch.Generator().manual_seed(0)
+    mask = sample(torch.zeros(20000, 3, 1, 1), torch.zeros(20000), gen)
+    keep = mask.float().mean(0)
+    torch.testing.assert_close(keep, torch.tensor([0.9, 0.8, 0.7, 0.6]), atol=0.015, rtol=0)
+    uniform = stochastic_depth_sampler(3, 0.25, "uniform")(torch.zeros(20000, 3, 1, 1), None, gen)
+    torch.testing.assert_close(uniform.float().mean(0), torch.full((3,), 0.75), atol=0.015, rtol=0)
+
+
+def test_stochastic_depth_training_runs_masked_forward(tiny_data, monkeypatch):
+    train_set, _ = tiny_data
+    model = build_resnet(8, num_classes=4, width=4)
+    masks = []
+    original = type(model).forward
+
+    def spy(self, x, keep_mask=None):
+        masks.append(keep_mask)
+        return original(self, x, keep_mask)
+
+    monkeypatch.setattr(type(model), "forward", spy)
+    train(model, train_set, None, _cfg(epochs=1, stochastic_depth=0.5))
+    used = [m for m in masks if m is not None]
+    assert len(used) == 256 // 32 and 0.5 < torch.cat(used).float().mean() < 0.95
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "multistep"])
+def test_learning_rate_schedules(schedule):
+    cfg = _cfg(epochs=4, schedule=schedule, milestones=[0.5, 0.75], warmup_epochs=1, lr=1.0)
+    model = torch.nn.Linear(2, 2)
+    opt = build_optimizer(model, cfg)
+    sched = build_scheduler(opt, cfg, steps_per_epoch=10)
+    lrs = []
+    for _ in range(40):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.1) and lrs[10] == pytest.approx(1.0)  # warm-up then peak
+    if schedule == "cosine":
+        assert lrs[25] == pytest.approx(0.5 * (1 + math.cos(math.pi * 15 / 30)))
+        assert lrs[-1] < 0.01
+    else:
+        assert lrs[19] == 1.0 and lrs[20] == pytest.approx(0.1) and lrs[30] == pytest.approx(0.01)
+
+
+def test_no_weight_decay_on_batchnorm_and_bias():
+    model = build_resnet(8, width=4)
+    groups = build_optimizer(model, _cfg(weight_decay=0.1)).param_groups
+    assert all(p.dim() > 1 for p in groups[0]["params"]) and groups[0]["weight_decay"] == 0.1
+    assert all(p.dim() == 1 for p in groups[1]["params"]) and groups[1]["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (dict(batch_size=0), "batch_size"),
+        (dict(lr=-1.0), "lr"),
+        (dict(schedule="linear"), "schedule"),
+        (dict(stochastic_depth=1.0), "stochastic_depth"),
+        (dict(label_smoothing=1.5), "label_smoothing"),
+        (dict(epochs=-1), "epochs"),
+    ],
+)
+def test_bad_train_config(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        _cfg(**bad)
+
+
+def test_nan_loss_stops_and_keeps_checkpoint(tiny_data, tmp_path, monkeypatch):
+    import backbone.train as train_module
+
+    train_set, _ = tiny_data
+    model = build_resnet(8, num_classes=4, width=4)
+    train(model, train_set, None, _cfg(epochs=1), checkpoint_dir=tmp_path)
+    good = load_checkpoint(tmp_path / "last.pt")
+    cross_entropy = train_module.F.cross_entropy
+    monkeypatch.setattr(train_module.F, "cross_entropy", lambda *a, **k: cross_entropy(*a, **k) * float("nan"))
+    with pytest.raises(train_module.NonFiniteLossError, match="epoch 2"):
+        train(model, train_set, None, _cfg(epochs=2), checkpoint_dir=tmp_path, resume=True)
+    kept = load_checkpoint(tmp_path / "last.pt")
+    assert kept["epoch"] == 1
+    torch.testing.assert_close(kept["model"]["fc.weight"], good["model"]["fc.weight"])
