@@ -20,6 +20,7 @@ $(VENV)/.installed: setup.py
 
 demo: $(VENV)/.installed
 	$(PY) -m experiments.pretrain --config $(CONFIG) --resume
+	$(PY) -m experiments.train_policy --config $(CONFIG) --resume
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q $(PYTEST_ARGS)

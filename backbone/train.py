@@ -68,7 +68,7 @@ class TrainConfig:
             (self.schedule in ("cosine", "multistep"), "schedule must be 'cosine' or 'multistep'"),
             (all(0 < m < 1 for m in self.milestones), "milestones are fractions of the epochs, in (0, 1)"),
             (0 < self.gamma <= 1, "gamma must be in (0, 1]"),
-            (self.warmup_epochs == 0 or 0 < self.warmup_epochs < self.epochs, "warmup_epochs must be in [0, epochs)"),
+            (self.warmup_epochs >= 0 and (self.epochs == 0 or self.warmup_epochs < self.epochs), "warmup_epochs must be in [0, epochs)"),
             (0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
             (0 <= self.stochastic_depth < 1, "stochastic_depth (drop rate of the last block) must be in [0, 1)"),
             (self.stochastic_depth_schedule in ("linear", "uniform"), "stochastic_depth_schedule must be 'linear' or 'uniform'"),

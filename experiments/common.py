@@ -27,34 +27,48 @@ def experiment_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def prepare_run_dir(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False) -> Path:
-    """Create (or reuse, with ``resume``) the run directory and write the resolved ``config.yaml``.
+#: The config sections the pretrained backbone depends on (a later stage may change the others).
+BACKBONE_SECTIONS = ("name", "output_dir", "seed", "device", "data", "model", "pretrain")
 
-    An existing run is never silently replaced: without ``--resume``/``--overwrite`` it is an error,
-    and ``--resume`` with a different config is an error naming the keys that differ.
+
+def prepare_run_dir(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False) -> Path:
+    """Create (or reuse, with ``resume``) the run directory and write the resolved ``config.yaml``."""
+    return prepare_output_dir(cfg.run_dir, cfg, resume, overwrite, compare=BACKBONE_SECTIONS)
+
+
+def prepare_output_dir(
+    directory: Path, cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False, compare=None
+) -> Path:
+    """Create (or reuse) ``directory`` for a run or a stage and write ``config.yaml`` into it.
+
+    Existing work is never silently replaced: without ``--resume``/``--overwrite`` a non-empty
+    directory is an error, and ``--resume`` with a config that differs in the sections
+    ``compare`` (default: all) is an error naming the keys that differ.
     """
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite exclude each other")
-    run_dir = cfg.run_dir
-    saved = run_dir / "config.yaml"
-    if run_dir.exists() and any(run_dir.iterdir()):
+    saved = directory / "config.yaml"
+    if directory.exists() and any(directory.iterdir()):
         if overwrite:
-            shutil.rmtree(run_dir)
+            shutil.rmtree(directory)
         elif not resume:
             raise ConfigError(
-                f"run directory {run_dir} already exists; pass --resume to continue it, "
+                f"{directory} already exists; pass --resume to continue it, "
                 f"--overwrite to delete it and start over, or choose another name with --set name=..."
             )
         elif saved.exists():
-            differences = _config_differences(_read_yaml(saved), to_dict(cfg))
+            old, new = _read_yaml(saved), to_dict(cfg)
+            if compare is not None:
+                old, new = ({k: d.get(k) for k in compare} for d in (old, new))
+            differences = _config_differences(old, new)
             if differences:
                 raise ConfigError(
                     f"--resume: the config differs from the one in {saved} at {', '.join(differences)}; "
                     f"resume with the same config or start a new run"
                 )
-    run_dir.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, saved)
-    return run_dir
+    return directory
 
 
 def _read_yaml(path: Path) -> dict:

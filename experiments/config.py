@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from agents.rl import PolicyConfig
 from backbone.data import DataConfig
 from backbone.errors import ConfigError
 from backbone.resnet import NORMALIZATION, SHORTCUTS, parse_depth
@@ -59,6 +60,7 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: TrainConfig = field(default_factory=TrainConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name or self.name in (".", ".."):

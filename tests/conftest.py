@@ -1,9 +1,21 @@
+from pathlib import Path
+
 import pytest
 import torch
 
 torch.set_num_threads(2)
 
+#: The real CIFAR-10 JPEG tree that sits in ../shared beside the repository (never copied into it).
+REAL_CIFAR10_JPG = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpg"
+
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def cifar10_jpg() -> Path:
+    if not (REAL_CIFAR10_JPG / "test").is_dir():
+        pytest.skip(f"real CIFAR-10 JPEG tree not found at {REAL_CIFAR10_JPG}")
+    return REAL_CIFAR10_JPG

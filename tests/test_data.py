@@ -28,7 +28,6 @@ from backbone.errors import DatasetError
 # write_png/encode_jpeg in the fixtures trigger torchvision's deprecation notice on every call.
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
 
-REAL_CIFAR10_JPG = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpg"
 
 
 # ---------------------------------------------------------------------------------- synthetic
@@ -343,13 +342,6 @@ def test_batch_loader_on_cuda_matches_cpu():
 
 
 # ---------------------------------------------------------------------------------- real data
-@pytest.fixture
-def cifar10_jpg() -> Path:
-    if not (REAL_CIFAR10_JPG / "test").is_dir():
-        pytest.skip(f"real CIFAR-10 JPEG tree not found at {REAL_CIFAR10_JPG}")
-    return REAL_CIFAR10_JPG
-
-
 @pytest.mark.realdata
 def test_real_cifar10_jpg_test_split(cifar10_jpg, tmp_path):
     test = load_imagefolder(cifar10_jpg, train=False, cache_dir=tmp_path, progress=False)

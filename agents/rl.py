@@ -1,0 +1,317 @@
+"""Train block-skipping policies with stable-baselines3 on the batched environments.
+
+``train_policy`` builds (or resumes) an SB3 PPO/A2C model on a ``BlockSkipVecEnv`` (one-shot) or
+``BlockSkipSeqVecEnv`` (sequential), and trains it with callbacks that log the task metrics to
+TensorBoard (``charts/accuracy``, ``charts/blocks_used``, ``charts/flops_ratio``,
+``charts/reward``, per-block keep rates), run BlockDrop's curriculum, evaluate the deterministic
+policy on held-out images and write resumable checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from stable_baselines3 import A2C, PPO
+from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.logger import configure
+from stable_baselines3.common.vec_env import VecMonitor
+from tqdm.auto import tqdm
+
+from agents.policies import policy_kwargs
+from backbone.cost import count_flops
+from backbone.errors import ConfigError
+from envs.block_skip import SkipTask
+from envs.rewards import RewardConfig
+from envs.vec import BlockSkipSeqVecEnv, BlockSkipVecEnv
+
+ALGOS = {"ppo": PPO, "a2c": A2C}
+
+
+@dataclass
+class PolicyConfig:
+    """How the block-skipping policy is trained (``policy:`` section of an experiment config)."""
+
+    algo: str = "ppo"  # ppo | a2c
+    env: str = "oneshot"  # oneshot: one MultiBinary mask per image; sequential: one decision per block
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    extractor: str = "tiny"  # tiny | resnet: the policy's image network (one-shot only)
+    extractor_width: int = 16
+    obs_size: int | None = None  # one-shot: downsample the observed image to this size (cheaper policy)
+    num_envs: int = 64  # images per batched env step (one backbone call)
+    timesteps: int = 100_000
+    n_steps: int = 8  # rollout steps per env before each update
+    batch_size: int = 256  # PPO minibatch
+    n_epochs: int = 4  # PPO epochs per rollout
+    learning_rate: float = 3e-4
+    ent_coef: float = 0.01
+    gamma: float = 1.0  # no discounting: only the episode's total reward matters
+    gae_lambda: float = 0.95
+    hidden: int = 64  # width of the actor and critic heads
+    curriculum: bool = False  # BlockDrop: decide only the last k blocks first, k grows by one ...
+    curriculum_steps: int = 5_000  # ... every this many timesteps
+    eval_every: int = 10_000  # timesteps between deterministic evaluations on held-out images
+    eval_fraction: float = 0.2  # part of the policy's images kept for those evaluations
+    checkpoint_every: int = 20_000
+    data_split: str = "val"  # images the policy trains on: val (not seen by the backbone) or train
+
+    def __post_init__(self) -> None:
+        if isinstance(self.reward, dict):
+            self.reward = RewardConfig(**self.reward)
+        checks = [
+            (self.algo in ALGOS, f"policy.algo must be one of {', '.join(ALGOS)}, got {self.algo!r}"),
+            (self.env in ("oneshot", "sequential"), f"policy.env must be oneshot or sequential, got {self.env!r}"),
+            (self.num_envs >= 1 and self.timesteps >= 1 and self.n_steps >= 1 and self.batch_size >= 1,
+             "policy.num_envs, timesteps, n_steps and batch_size must be >= 1"),
+            (self.learning_rate > 0, "policy.learning_rate must be > 0"),
+            (0 <= self.gamma <= 1 and 0 <= self.gae_lambda <= 1, "policy.gamma and gae_lambda must be in [0, 1]"),
+            (self.curriculum_steps >= 1 and self.eval_every >= 1 and self.checkpoint_every >= 1,
+             "policy.curriculum_steps, eval_every and checkpoint_every must be >= 1"),
+            (0 <= self.eval_fraction < 1, "policy.eval_fraction must be in [0, 1)"),
+            (self.data_split in ("val", "train"), "policy.data_split must be val or train"),
+            (self.obs_size is None or self.obs_size >= 8, "policy.obs_size must be >= 8 (or null)"),
+            (not (self.curriculum and self.env == "sequential"), "policy.curriculum is for the oneshot env"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+
+def make_vec_env(task: SkipTask, cfg: PolicyConfig) -> VecMonitor:
+    """The batched env of ``cfg.env`` with ``cfg.num_envs`` images per step, episode stats added."""
+    cls = BlockSkipVecEnv if cfg.env == "oneshot" else BlockSkipSeqVecEnv
+    return VecMonitor(cls(task, cfg.num_envs))
+
+
+def build_model(cfg: PolicyConfig, env, seed: int, device: str | torch.device = "auto") -> BaseAlgorithm:
+    """A fresh SB3 model for ``env``; image policies get a 32x32-friendly features extractor."""
+    kwargs = dict(
+        learning_rate=cfg.learning_rate, n_steps=cfg.n_steps, gamma=cfg.gamma, gae_lambda=cfg.gae_lambda,
+        ent_coef=cfg.ent_coef, seed=seed, device=device, verbose=0,
+    )
+    if cfg.algo == "ppo":
+        kwargs.update(batch_size=min(cfg.batch_size, cfg.n_steps * cfg.num_envs), n_epochs=cfg.n_epochs)
+    if cfg.env == "oneshot":
+        return ALGOS[cfg.algo]("CnnPolicy", env, policy_kwargs=policy_kwargs(cfg.extractor, cfg.extractor_width, cfg.hidden), **kwargs)
+    return ALGOS[cfg.algo]("MlpPolicy", env, policy_kwargs={"net_arch": {"pi": [cfg.hidden], "vf": [cfg.hidden]}}, **kwargs)
+
+
+def policy_flops(model: BaseAlgorithm, task: SkipTask, env_kind: str) -> int:
+    """FLOPs of the policy's decisions for one image (actor only; the critic is not used at inference)."""
+    space = model.observation_space
+    obs = torch.zeros((1,) + space.shape, device=model.device)
+    flops = count_flops(lambda: model.policy._predict(obs, deterministic=True))
+    return flops * (task.num_blocks if env_kind == "sequential" else 1)
+
+
+def _policy_masks(model: BaseAlgorithm, observations: torch.Tensor) -> torch.Tensor:
+    actions, _ = model.predict(observations.cpu().numpy(), deterministic=True)
+    return torch.as_tensor(actions, device=observations.device).reshape(observations.shape[0], -1).bool()
+
+
+@torch.no_grad()
+def evaluate_policy_on(
+    model: BaseAlgorithm, task: SkipTask, env_kind: str = "oneshot", batch_size: int = 512, extra_flops: float = 0.0
+) -> dict:
+    """Deterministic policy on every image of ``task.dataset``: accuracy, blocks, FLOPs, keep rates.
+
+    ``extra_flops``: per-image FLOPs to add to the backbone's (the policy's own, see ``policy_flops``).
+    """
+    results = {k: [] for k in ("correct", "blocks_used", "flops", "keep_mask", "reward")}
+    for start in range(0, task.num_images, batch_size):
+        idx = torch.arange(start, min(start + batch_size, task.num_images), device=task.device)
+        if env_kind == "oneshot":
+            out = task.play(idx, _policy_masks(model, task.observation(idx)))
+        else:
+            h, used = task.seq_start(idx), torch.zeros(len(idx), dtype=torch.long, device=task.device)
+            keep = torch.zeros(len(idx), task.num_blocks, dtype=torch.bool, device=task.device)
+            for i in range(task.num_blocks):
+                run = task.seq_effective_run(_policy_masks(model, task.seq_observation(h, i, used))[:, 0], i)
+                h, used, keep[:, i] = task.seq_block(h, i, run), used + run.long(), run
+            out = task.seq_finish(h, idx, used, keep)
+        for key in results:
+            results[key].append(out[key].cpu())
+    r = {k: torch.cat(v) for k, v in results.items()}
+    correct, blocks = r["correct"].float(), r["blocks_used"].double()
+    flops = r["flops"].double() + extra_flops
+    metrics = {
+        "num_images": task.num_images,
+        "accuracy": correct.mean().item(),
+        "blocks_used": blocks.mean().item(),
+        "blocks_used_std": blocks.std(unbiased=False).item(),
+        "flops": flops.mean().item(),
+        "flops_ratio": (flops / task.cost.full_flops).mean().item(),
+        "reward": r["reward"].double().mean().item(),
+        "keep_rate_per_block": r["keep_mask"].float().mean(0).tolist(),
+    }
+    difficulty = task.dataset.difficulty
+    if difficulty is not None:
+        levels = difficulty.cpu()
+        metrics["by_difficulty"] = {
+            str(int(d)): {"accuracy": correct[levels == d].mean().item(), "blocks_used": blocks[levels == d].mean().item()}
+            for d in levels.unique()
+        }
+    return metrics
+
+
+class TaskMetricsCallback(BaseCallback):
+    """Logs what the task is about, from the infos of the episodes finished in each rollout."""
+
+    def __init__(self, num_blocks: int):
+        super().__init__()
+        self.num_blocks = num_blocks
+        self._episodes: list[dict] = []
+
+    def _on_step(self) -> bool:
+        for info, done in zip(self.locals["infos"], self.locals["dones"]):
+            if done and "correct" in info:
+                self._episodes.append(info)
+        return True
+
+    def _on_rollout_end(self) -> None:
+        if not self._episodes:
+            return
+        eps = self._episodes
+        keep = np.stack([np.asarray(e["keep_mask"], dtype=np.float32) for e in eps]).mean(0)
+        self.logger.record("charts/accuracy", float(np.mean([e["correct"] for e in eps])))
+        self.logger.record("charts/blocks_used", float(np.mean([e["blocks_used"] for e in eps])))
+        self.logger.record("charts/flops_ratio", float(np.mean([e["flops_ratio"] for e in eps])))
+        self.logger.record("charts/reward", float(np.mean([e["episode"]["r"] for e in eps if "episode" in e] or [0.0])))
+        self.logger.record("charts/keep_rates", torch.as_tensor(keep), exclude=("stdout", "log", "json", "csv"))
+        for i, rate in enumerate(keep):
+            self.logger.record(f"keep_rate/block_{i:02d}", float(rate))
+        self._episodes = []
+
+
+class CurriculumCallback(BaseCallback):
+    """BlockDrop's curriculum: the policy first decides only the last block, then one more every
+    ``steps`` timesteps, until it decides them all (earlier blocks are forced on meanwhile)."""
+
+    def __init__(self, num_blocks: int, steps: int):
+        super().__init__()
+        self.num_blocks, self.steps = num_blocks, steps
+
+    def decided(self, timesteps: int) -> int:
+        return min(self.num_blocks, 1 + timesteps // self.steps)
+
+    def _on_rollout_start(self) -> None:
+        k = self.decided(self.num_timesteps)
+        self.training_env.set_attr("num_decided", k)
+        self.logger.record("charts/curriculum_blocks_decided", k)
+
+    def _on_training_end(self) -> None:
+        self.training_env.set_attr("num_decided", self.num_blocks)
+
+    def _on_step(self) -> bool:
+        return True
+
+
+def save_atomic(model: BaseAlgorithm, path: Path) -> None:
+    """``model.save`` to a temp file, then rename: an interrupted save never damages ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.zip")
+    model.save(tmp)
+    os.replace(tmp, path)
+
+
+class CheckpointEvalCallback(BaseCallback):
+    """Every ``eval_every`` steps: evaluate the deterministic policy on held-out images; every
+    ``checkpoint_every`` steps: save ``last.zip`` (+ ``progress.json``: history and time spent)."""
+
+    def __init__(self, out_dir: Path, eval_task: SkipTask | None, cfg: PolicyConfig, progress: dict, extra_flops: float):
+        super().__init__()
+        self.out_dir, self.eval_task, self.cfg, self.progress = out_dir, eval_task, cfg, progress
+        self.extra_flops = extra_flops
+        self._tic = time.perf_counter()
+        self._next_eval = self._next_ckpt = 0
+
+    def _on_training_start(self) -> None:
+        self._next_eval = (self.num_timesteps // self.cfg.eval_every + 1) * self.cfg.eval_every
+        self._next_ckpt = (self.num_timesteps // self.cfg.checkpoint_every + 1) * self.cfg.checkpoint_every
+
+    def _on_step(self) -> bool:
+        if self.eval_task is not None and self.num_timesteps >= self._next_eval:
+            self._next_eval += self.cfg.eval_every
+            m = evaluate_policy_on(self.model, self.eval_task, self.cfg.env, extra_flops=self.extra_flops)
+            for key in ("accuracy", "blocks_used", "flops_ratio", "reward"):
+                self.logger.record(f"eval/{key}", m[key])
+            self.progress["eval_history"].append({"timesteps": self.num_timesteps, **{k: m[k] for k in ("accuracy", "blocks_used", "flops_ratio", "reward")}})
+        if self.num_timesteps >= self._next_ckpt:
+            self._next_ckpt += self.cfg.checkpoint_every
+            self.save()
+        return True
+
+    def save(self) -> None:
+        now = time.perf_counter()
+        self.progress["train_time_s"] += now - self._tic
+        self._tic = now
+        self.progress["timesteps"] = self.num_timesteps
+        save_atomic(self.model, self.out_dir / "last.zip")
+        tmp = self.out_dir / ".progress.json.tmp"
+        tmp.write_text(json.dumps(self.progress, indent=2))
+        os.replace(tmp, self.out_dir / "progress.json")
+
+
+class ProgressBarCallback(BaseCallback):
+    """A tqdm bar over timesteps (SB3's own needs ``rich``)."""
+
+    def __init__(self, total: int):
+        super().__init__()
+        self.total = total
+
+    def _on_training_start(self) -> None:
+        self.bar = tqdm(total=self.total, initial=self.num_timesteps, desc="policy", unit="step", leave=False)
+
+    def _on_step(self) -> bool:
+        self.bar.update(self.num_timesteps - self.bar.n)
+        return True
+
+    def _on_training_end(self) -> None:
+        self.bar.close()
+
+
+def train_policy(
+    cfg: PolicyConfig,
+    task: SkipTask,
+    out_dir: Path,
+    eval_task: SkipTask | None = None,
+    seed: int = 0,
+    resume: bool = False,
+    tb_dir: Path | None = None,
+) -> tuple[BaseAlgorithm, dict]:
+    """Train (or continue, with ``resume``) a policy on ``task``; checkpoints go to ``out_dir``.
+
+    Returns the model and ``{"train_time_s", "timesteps", "eval_history", "policy_flops"}``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    env = make_vec_env(task, cfg)
+    env.seed(seed)
+    last = out_dir / "last.zip"
+    progress = {"train_time_s": 0.0, "timesteps": 0, "eval_history": []}
+    if resume and last.exists():
+        model = ALGOS[cfg.algo].load(last, env=env, device=task.device)
+        if (out_dir / "progress.json").exists():
+            progress = json.loads((out_dir / "progress.json").read_text())
+    else:
+        model = build_model(cfg, env, seed, device=task.device)
+    if tb_dir is not None:
+        model.set_logger(configure(str(tb_dir), ["tensorboard"]))
+    extra_flops = policy_flops(model, task, cfg.env)
+    saver = CheckpointEvalCallback(out_dir, eval_task, cfg, progress, extra_flops)
+    callbacks = [TaskMetricsCallback(task.num_blocks), saver, ProgressBarCallback(cfg.timesteps)]
+    if cfg.curriculum:
+        callbacks.append(CurriculumCallback(task.num_blocks, cfg.curriculum_steps))
+    remaining = cfg.timesteps - model.num_timesteps
+    if remaining > 0:
+        model.learn(remaining, callback=callbacks, reset_num_timesteps=False, log_interval=1)
+        saver.save()
+    progress["policy_flops"] = extra_flops
+    env.close()
+    return model, progress

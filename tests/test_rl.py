@@ -1,0 +1,135 @@
+"""Policy training with SB3 on the batched environments."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from agents.rl import PolicyConfig, evaluate_policy_on, policy_flops, train_policy
+from backbone import build_resnet
+from backbone.data import ImageDataset, make_synthetic
+from backbone.errors import ConfigError
+from envs.block_skip import SkipTask
+from envs.rewards import RewardConfig
+
+USELESS = (1, 3, 4)  # blocks whose residual branch is zero: skipping them changes nothing
+
+
+def toy_task(lam=0.05, n=256, seed=0):
+    """A backbone that is always right with all blocks (labels are its own predictions), in which
+    blocks USELESS do nothing and the others change the prediction when skipped."""
+    torch.manual_seed(seed)
+    backbone = build_resnet(14, num_classes=4, width=8).eval()
+    for i, block in enumerate(backbone.blocks):
+        if i in USELESS:
+            torch.nn.init.zeros_(block.bn2.weight)
+            torch.nn.init.zeros_(block.bn2.bias)
+        else:
+            torch.nn.init.normal_(block.bn2.weight, std=2.0)
+    images = make_synthetic(n, num_classes=4, seed=seed).images
+    with torch.no_grad():
+        labels = backbone(images).argmax(1)
+    dataset = ImageDataset(images, labels, ["a", "b", "c", "d"])
+    return SkipTask(backbone, dataset, RewardConfig(kind="linear", lam=lam))
+
+
+def small_cfg(**kw):
+    base = dict(num_envs=64, n_steps=4, batch_size=128, n_epochs=4, timesteps=256, learning_rate=3e-3,
+                ent_coef=0.0, extractor_width=8, eval_every=10**6, checkpoint_every=10**6)
+    base.update(kw)
+    return PolicyConfig(**base)
+
+
+def test_toy_backbone_punishes_skipping_useful_blocks():
+    task = toy_task()
+    idx = torch.arange(task.num_images)
+    keep_all = torch.ones(task.num_images, task.num_blocks, dtype=torch.bool)
+    assert task.play(idx, keep_all)["correct"].all()
+    no_useless = keep_all.clone()
+    no_useless[:, list(USELESS)] = False
+    assert task.play(idx, no_useless)["correct"].all()
+    for useful in (i for i in range(task.num_blocks) if i not in USELESS):
+        mask = keep_all.clone()
+        mask[:, useful] = False
+        assert task.play(idx, mask)["correct"].float().mean() < 0.6
+
+
+def test_ppo_learns_to_drop_useless_blocks(tmp_path):
+    task = toy_task()
+    cfg = small_cfg(timesteps=6000)
+    model, progress = train_policy(cfg, task, tmp_path, seed=0)
+    result = evaluate_policy_on(model, task)
+    keep = np.array(result["keep_rate_per_block"])
+    useful = [i for i in range(task.num_blocks) if i not in USELESS]
+    assert keep[list(USELESS)].max() < 0.2, keep
+    assert keep[useful].min() > 0.8, keep
+    assert result["accuracy"] > 0.9
+    # The learned reward beats the best input-independent policy that keeps everything.
+    assert result["reward"] > 1 - 0.05 * task.num_blocks + 0.1
+    assert progress["timesteps"] >= 6000 and (tmp_path / "last.zip").exists()
+
+
+@pytest.mark.parametrize("algo,env", [("ppo", "oneshot"), ("a2c", "oneshot"), ("ppo", "sequential")])
+def test_training_runs_and_saved_policy_acts_the_same(tmp_path, algo, env):
+    task = toy_task(n=64)
+    model, progress = train_policy(small_cfg(algo=algo, env=env, timesteps=512), task, tmp_path, seed=1)
+    assert progress["policy_flops"] > 0
+    loaded = type(model).load(tmp_path / "last.zip", device="cpu")
+    before, after = evaluate_policy_on(model, task, env), evaluate_policy_on(loaded, task, env)
+    assert before == after
+    obs = task.observation(torch.arange(8)).numpy() if env == "oneshot" else None
+    if obs is not None:
+        np.testing.assert_array_equal(model.predict(obs, deterministic=True)[0], loaded.predict(obs, deterministic=True)[0])
+
+
+def test_resume_continues_to_the_total_timesteps(tmp_path):
+    task = toy_task(n=64)
+    cfg = small_cfg(timesteps=512, checkpoint_every=256)
+    train_policy(cfg, task, tmp_path, seed=2)
+    first = json.loads((tmp_path / "progress.json").read_text())
+    assert first["timesteps"] == 512
+    more = small_cfg(timesteps=1024, checkpoint_every=256)
+    model, progress = train_policy(more, task, tmp_path, seed=2, resume=True)
+    assert model.num_timesteps == 1024 and progress["timesteps"] == 1024
+    assert progress["train_time_s"] > first["train_time_s"]
+
+
+def test_evaluation_matches_the_task_and_counts_the_policy(tmp_path):
+    task = toy_task(n=64)
+    model, progress = train_policy(small_cfg(timesteps=256), task, tmp_path, seed=3)
+    extra = policy_flops(model, task, "oneshot")
+    result = evaluate_policy_on(model, task, extra_flops=extra)
+    masks = torch.as_tensor(model.predict(task.observation(torch.arange(64)).numpy(), deterministic=True)[0]).bool()
+    out = task.play(torch.arange(64), masks)
+    assert result["accuracy"] == pytest.approx(out["correct"].float().mean().item())
+    assert result["blocks_used"] == pytest.approx(out["blocks_used"].double().mean().item())
+    expected_flops = (out["flops"].double() + extra).mean().item()
+    assert result["flops"] == pytest.approx(expected_flops)
+    assert 0 < extra < task.cost.full_flops
+
+
+def test_curriculum_forces_early_blocks_on(tmp_path):
+    task = toy_task(n=64)
+    from agents.rl import CurriculumCallback
+
+    curriculum = CurriculumCallback(task.num_blocks, steps=100)
+    assert [curriculum.decided(t) for t in (0, 99, 100, 450, 10**6)] == [1, 1, 2, 5, task.num_blocks]
+    train_policy(small_cfg(timesteps=256, curriculum=True, curriculum_steps=128), task, tmp_path, seed=4)
+    assert task.num_decided == task.num_blocks  # restored when training ends
+
+
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (dict(algo="dqn"), "policy.algo"),
+        (dict(env="tree"), "policy.env"),
+        (dict(num_envs=0), "num_envs"),
+        (dict(eval_fraction=1.0), "eval_fraction"),
+        (dict(curriculum=True, env="sequential"), "curriculum"),
+        (dict(reward={"kind": "linear", "lam": -1.0}), "lam"),
+    ],
+)
+def test_bad_policy_config(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        PolicyConfig(**bad)
