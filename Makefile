@@ -19,8 +19,7 @@ $(VENV)/.installed: setup.py
 	touch $@
 
 demo: $(VENV)/.installed
-	$(PY) -m experiments.pretrain --config $(CONFIG) --resume
-	$(PY) -m experiments.train_policy --config $(CONFIG) --resume
+	$(PY) -m experiments.run --config $(CONFIG) --resume
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q $(PYTEST_ARGS)

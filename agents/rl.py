@@ -149,15 +149,38 @@ def evaluate_policy_on(
         "flops_ratio": (flops / task.cost.full_flops).mean().item(),
         "reward": r["reward"].double().mean().item(),
         "keep_rate_per_block": r["keep_mask"].float().mean(0).tolist(),
+        "blocks_histogram": torch.bincount(r["blocks_used"].long(), minlength=task.num_blocks + 1).tolist(),
     }
-    difficulty = task.dataset.difficulty
-    if difficulty is not None:
-        levels = difficulty.cpu()
-        metrics["by_difficulty"] = {
-            str(int(d)): {"accuracy": correct[levels == d].mean().item(), "blocks_used": blocks[levels == d].mean().item()}
-            for d in levels.unique()
-        }
+    metrics["by_class"] = _grouped(task.dataset.labels.cpu(), correct, blocks, task.dataset.classes)
+    if task.dataset.difficulty is not None:
+        metrics["by_difficulty"] = _grouped(task.dataset.difficulty.cpu(), correct, blocks)
+    metrics["top_masks"] = _top_masks(r["keep_mask"], correct)
     return metrics
+
+
+def _grouped(groups: torch.Tensor, correct: torch.Tensor, blocks: torch.Tensor, names=None) -> dict:
+    return {
+        (names[int(g)] if names else str(int(g))): {
+            "accuracy": correct[groups == g].mean().item(),
+            "blocks_used": blocks[groups == g].mean().item(),
+            "count": int((groups == g).sum()),
+        }
+        for g in groups.unique()
+    }
+
+
+def _top_masks(keep_mask: torch.Tensor, correct: torch.Tensor, k: int = 5) -> list[dict]:
+    """The ``k`` most frequent masks ("1" = block run), with their share and accuracy."""
+    patterns, inverse, counts = torch.unique(keep_mask.bool(), dim=0, return_inverse=True, return_counts=True)
+    order = counts.argsort(descending=True)[:k]
+    return [
+        {
+            "mask": "".join("1" if b else "0" for b in patterns[i].tolist()),
+            "share": counts[i].item() / len(keep_mask),
+            "accuracy": correct[inverse == i].mean().item(),
+        }
+        for i in order.tolist()
+    ]
 
 
 class TaskMetricsCallback(BaseCallback):

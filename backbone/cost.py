@@ -7,6 +7,8 @@ Element-wise work (BatchNorm, ReLU, additions) is not counted, as is usual.
 
 from __future__ import annotations
 
+import statistics
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -113,3 +115,25 @@ def measure_backbone_cost(model: CifarResNet, image_size: int = 32) -> BackboneC
         head_params=count_params(model.fc),
         block_params=tuple(count_params(b) for b in model.blocks),
     )
+
+
+def median_times(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int = 2, repeats: int = 5) -> dict[str, float]:
+    """Median wall-clock seconds per call of each function, measured interleaved (so drift on a
+    noisy machine hits all alike), after ``warmup`` calls, synchronising CUDA around each call."""
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    sync()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            tic = time.perf_counter()
+            fn()
+            sync()
+            samples[name].append(time.perf_counter() - tic)
+    return {name: statistics.median(values) for name, values in samples.items()}

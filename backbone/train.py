@@ -24,10 +24,16 @@ from tqdm.auto import tqdm
 from backbone.data import BatchLoader, ImageDataset
 from backbone.errors import ConfigError, DyndepthError
 from backbone.resnet import CifarResNet
-from backbone.weights import load_checkpoint, load_weights, save_checkpoint
+from backbone.weights import load_checkpoint, save_checkpoint
 
 #: ``mask_sampler(images, labels, generator) -> keep_mask or None`` picks the blocks of a batch.
 MaskSampler = Callable[[torch.Tensor, torch.Tensor, torch.Generator], "torch.Tensor | None"]
+#: ``loss_fn(images, labels, keep_mask) -> (loss, logits)`` replaces the plain cross-entropy
+#: (e.g. a differentiable-gate model adds its compute penalty).
+LossFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], "tuple[torch.Tensor, torch.Tensor]"]
+#: ``after_step(images, labels, keep_mask, logits)`` runs after each optimiser step (e.g. the
+#: policy's own update in joint fine-tuning, which needs the backbone's predictions).
+AfterStep = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", torch.Tensor], None]
 
 
 @dataclass
@@ -202,6 +208,8 @@ def train(
     writer=None,
     resume: bool = False,
     mask_sampler: MaskSampler | None = None,
+    loss_fn: LossFn | None = None,
+    after_step: AfterStep | None = None,
     seed: int = 0,
     desc: str = "train",
 ) -> dict:
@@ -209,7 +217,9 @@ def train(
 
     ``checkpoint_dir``: where ``last.pt`` (every epoch) and ``best.pt`` (best validation accuracy)
     go; with ``resume`` training continues from ``last.pt``. ``writer``: a TensorBoard
-    ``SummaryWriter`` or None. ``mask_sampler`` overrides ``cfg.stochastic_depth``.
+    ``SummaryWriter`` or None. ``mask_sampler`` overrides ``cfg.stochastic_depth``; ``loss_fn`` and
+    ``after_step`` see the module docstring's types. ``model`` may be any module with ``num_blocks``,
+    ``num_classes`` and ``arch`` whose ``forward(images, keep_mask)`` returns logits.
     """
     device = next(model.parameters()).device
     if mask_sampler is None and cfg.stochastic_depth > 0:
@@ -233,7 +243,8 @@ def train(
         last_path, best_path = checkpoint_dir / "last.pt", checkpoint_dir / "best.pt"
         if resume and last_path.exists():
             state = load_checkpoint(last_path)
-            load_weights(model, state)
+            # Our own checkpoint of this very run: a plain state-dict load (model may be a wrapper).
+            model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             start_epoch, best_accuracy, history = state["epoch"], state["best_accuracy"], state["history"]
@@ -251,12 +262,17 @@ def train(
                 images = images.contiguous(memory_format=torch.channels_last)
             keep_mask = mask_sampler(images, labels, gen) if mask_sampler is not None else None
             with _autocast(device, cfg.amp):
-                logits = forward(images) if keep_mask is None else model(images, keep_mask)
-                loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
+                if loss_fn is not None:
+                    loss, logits = loss_fn(images, labels, keep_mask)
+                else:
+                    logits = forward(images) if keep_mask is None else model(images, keep_mask)
+                    loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
+            if after_step is not None:
+                after_step(images, labels, keep_mask, logits.detach())
             step += 1
             # Accumulate on the device: no host sync per step.
             loss_sum += loss.detach() * labels.shape[0]

@@ -74,7 +74,7 @@ class SkipTask:
         if size < 1:
             raise ConfigError(f"obs_size must be >= 1, got {obs_size}")
         self.obs_shape = (3, size, size)
-        self._obs_images = self.dataset.images if size == height else _downsample(self.dataset.images, size)
+        self._obs_images = self.dataset.images if size == height else downsample_images(self.dataset.images, size)
         self._num_decided = self.num_blocks
 
     # ------------------------------------------------------------------ one-shot episodes
@@ -201,7 +201,7 @@ class SkipTask:
         return torch.cat([pooled, one_hot, used], dim=1)
 
 
-def _downsample(images: torch.Tensor, size: int, chunk: int = 4096) -> torch.Tensor:
+def downsample_images(images: torch.Tensor, size: int, chunk: int = 4096) -> torch.Tensor:
     """Area-downsample uint8 images to size x size, rounded back to uint8 (in chunks: bounded memory)."""
     parts = [F.interpolate(images[s:s + chunk].float(), size=(size, size), mode="area").round_().clamp_(0, 255)
              for s in range(0, len(images), chunk)]

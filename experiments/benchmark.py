@@ -12,6 +12,9 @@ hold on a noisy machine. One record per case:
 Mask kinds: ``random`` (every block kept independently with the keep rate, per image) and
 ``patterns`` (4 fixed masks with exactly that share of blocks, rows assigned at random: what a
 trained policy tends to produce).
+
+``--bench env`` measures the batched VecEnv's env-steps/s against the masked backbone alone and
+against SB3's ``DummyVecEnv`` of single environments (see ``bench_env``).
 """
 
 from __future__ import annotations
@@ -19,13 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
-from backbone.cost import measure_backbone_cost
+from backbone.cost import measure_backbone_cost, median_times
+from backbone.data import make_synthetic
 from backbone.errors import ConfigError
 from backbone.resnet import build_resnet
 from backbone.train import resolve_device
@@ -45,27 +47,6 @@ def make_masks(kind: str, batch: int, num_blocks: int, keep_rate: float, gen: to
     raise ConfigError(f"unknown mask kind {kind!r}: use random or patterns")
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_cases(fns: dict, device: torch.device, warmup: int, repeats: int) -> dict:
-    """Median seconds per call of each function; calls are interleaved so drift hits all alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    _sync(device)
-    samples = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            tic = time.perf_counter()
-            fn()
-            _sync(device)
-            samples[name].append(time.perf_counter() - tic)
-    return {name: statistics.median(values) for name, values in samples.items()}
-
-
 def bench_skipping(arch: str, batch: int, keep_rates, mask_kinds, device, warmup: int, repeats: int, seed: int = 0):
     model = build_resnet(arch, num_classes=100).to(device).eval()
     cost = measure_backbone_cost(model)
@@ -76,7 +57,7 @@ def bench_skipping(arch: str, batch: int, keep_rates, mask_kinds, device, warmup
     for key, mask in masks.items():
         fns[key] = lambda mask=mask: model(x, mask)
     with torch.inference_mode():
-        times = time_cases(fns, device, warmup, repeats)
+        times = median_times(fns, device, warmup, repeats)
     records = []
     for (kind, keep_rate), mask in masks.items():
         flops_ratio = cost.full_flops / cost.mask_flops(mask.cpu()).mean().item()
@@ -97,6 +78,53 @@ def bench_skipping(arch: str, batch: int, keep_rates, mask_kinds, device, warmup
             "efficiency": time_ratio / flops_ratio,
         })
     return records
+
+
+def bench_env(arch: str, num_envs: int, keep_rate: float, device, warmup: int, repeats: int, seed: int = 0) -> dict:
+    """Env-steps/s of the batched VecEnv vs the masked backbone alone vs a DummyVecEnv of single envs.
+
+    Targets: VecEnv ≥ 0.8 × the backbone alone (its ceiling), and VecEnv ÷ DummyVecEnv close to
+    the device's batch-vs-batch-1 inference ratio (what batching can give at most).
+    """
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    from envs.block_skip import BlockSkipEnv, SkipTask
+    from envs.vec import BlockSkipVecEnv
+
+    model = build_resnet(arch, num_classes=10)
+    dataset = make_synthetic(4 * num_envs, num_classes=10, seed=seed)
+    task = SkipTask(model, dataset, device=device)
+    gen = torch.Generator().manual_seed(seed)
+    actions = (torch.rand(num_envs, task.num_blocks, generator=gen) < keep_rate).numpy().astype("int8")
+    images = dataset.images[:num_envs].to(device)
+    mask = torch.as_tensor(actions, device=device).bool()
+    vec = BlockSkipVecEnv(task, num_envs)
+    dummy = DummyVecEnv([lambda: BlockSkipEnv(task=task) for _ in range(num_envs)])
+    vec.reset(), dummy.reset()
+    one = images[:1]
+    with torch.inference_mode():
+        times = median_times({
+            "backbone": lambda: task.backbone(images, mask),
+            "vec": lambda: vec.step(actions),
+            "dummy": lambda: dummy.step(actions),
+            "backbone_batch1": lambda: task.backbone(one, mask[:1]),
+        }, device, warmup, repeats)
+    steps = {k: num_envs / times[k] for k in ("backbone", "vec", "dummy")}
+    return {
+        "bench": "env", "device": device_name(device), "arch": arch, "batch": num_envs, "keep_rate": keep_rate,
+        "mask_kind": "random", "backbone_img_per_s": steps["backbone"], "vec_steps_per_s": steps["vec"],
+        "dummy_steps_per_s": steps["dummy"], "vec_vs_backbone": steps["vec"] / steps["backbone"],
+        "vec_vs_dummy": steps["vec"] / steps["dummy"],
+        "batch_vs_batch1_inference": steps["backbone"] / (1 / times["backbone_batch1"]),
+    }
+
+
+def print_env_table(records: list[dict]) -> None:
+    print(f"{'arch':<10}{'envs':>6}{'keep':>6}{'backbone img/s':>16}{'VecEnv steps/s':>16}{'Dummy steps/s':>15}"
+          f"{'Vec/backbone':>14}{'Vec/Dummy':>11}{'batch/batch-1':>15}")
+    for r in records:
+        print(f"{r['arch']:<10}{r['batch']:>6}{r['keep_rate']:>6.2f}{r['backbone_img_per_s']:>16.0f}{r['vec_steps_per_s']:>16.0f}"
+              f"{r['dummy_steps_per_s']:>15.0f}{r['vec_vs_backbone']:>14.2f}{r['vec_vs_dummy']:>11.2f}{r['batch_vs_batch1_inference']:>15.2f}")
 
 
 def device_name(device: torch.device) -> str:
@@ -128,6 +156,8 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="ResNet-56 only, fewer repeats")
     parser.add_argument("--json", type=Path, default=None, help="write the records to this file")
+    parser.add_argument("--bench", nargs="+", default=["skipping", "env"], choices=["skipping", "env"],
+                        help="skipping: masked vs full forward; env: VecEnv throughput")
     args = parser.parse_args(argv)
     try:
         device = resolve_device(args.device)
@@ -138,12 +168,18 @@ def main(argv=None) -> None:
     archs = ["resnet56"] if args.quick else args.arch
     batches = args.batch or ([1, 256, 1024] if device.type == "cuda" else [1, 256])
     records = []
-    for arch in archs:
-        for batch in batches:
-            repeats = args.repeats or (20 if batch == 1 else 5) // (2 if args.quick else 1)
-            records += bench_skipping(arch, batch, args.keep, args.masks, device, args.warmup, max(repeats, 3))
-            print(f"done: {arch} batch {batch}", flush=True)
-    print_table(records)
+    if "skipping" in args.bench:
+        for arch in archs:
+            for batch in batches:
+                repeats = args.repeats or (20 if batch == 1 else 5) // (2 if args.quick else 1)
+                records += bench_skipping(arch, batch, args.keep, args.masks, device, args.warmup, max(repeats, 3))
+                print(f"done: {arch} batch {batch}", flush=True)
+        print_table(records)
+    if "env" in args.bench:
+        env_records = [bench_env(archs[0], max(batches), 0.5, device, args.warmup, args.repeats or 5)]
+        print()
+        print_env_table(env_records)
+        records += env_records
     if args.json:
         write_json(args.json, {"records": records, "torch": torch.__version__})
         print(f"wrote {args.json}")

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import yaml
 
+from agents.gates import GateConfig
+from agents.joint import FinetuneConfig
 from agents.rl import PolicyConfig
 from backbone.data import DataConfig
 from backbone.errors import ConfigError
@@ -50,6 +52,25 @@ class ModelConfig:
 
 
 @dataclass
+class StudyConfig:
+    """What ``experiments.run`` does beyond one policy: baselines, a λ sweep, several seeds."""
+
+    baselines: bool = True  # gates, static ResNet of equal FLOPs, random dropping, best fixed subset
+    lambdas: list = field(default_factory=list)  # extra policies, one per λ: the accuracy-vs-FLOPs curve
+    seeds: typing.Optional[list] = None  # the whole study per seed (mean ± std); null: just the top-level seed
+    latency_batch: int = 256  # the "large batch" of the latency measurement (plus batch 1)
+    latency_repeats: int = 10
+
+    def __post_init__(self) -> None:
+        if any(not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0 for v in self.lambdas):
+            raise ConfigError("study.lambdas must be a list of numbers >= 0")
+        if self.seeds is not None and (not self.seeds or any(not isinstance(s, int) or isinstance(s, bool) for s in self.seeds)):
+            raise ConfigError("study.seeds must be a non-empty list of integers")
+        if self.latency_batch < 1 or self.latency_repeats < 1:
+            raise ConfigError("study.latency_batch and latency_repeats must be >= 1")
+
+
+@dataclass
 class ExperimentConfig:
     """One run directory: ``<output_dir>/<name>/``."""
 
@@ -61,6 +82,9 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: TrainConfig = field(default_factory=TrainConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    gates: GateConfig = field(default_factory=GateConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name or self.name in (".", ".."):

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from agents.rl import ALGOS, evaluate_policy_on, save_atomic, train_policy
-from backbone.data import Splits, load_splits, split_train_val
+from backbone.data import ImageDataset, Splits, load_splits, split_train_val
 from backbone.errors import ConfigError
 from backbone.resnet import CifarResNet
 from backbone.train import evaluate, resolve_device
@@ -42,18 +42,23 @@ def find_backbone(cfg: ExperimentConfig, splits: Splits, device: torch.device) -
     )
 
 
-def policy_tasks(cfg: ExperimentConfig, backbone: CifarResNet, splits: Splits, device) -> tuple[SkipTask, SkipTask | None, SkipTask]:
-    """(training, held-out evaluation, test) tasks sharing one backbone.
+def policy_images(cfg: ExperimentConfig, splits: Splits) -> tuple[ImageDataset, ImageDataset]:
+    """(training, held-out evaluation) images of the policy.
 
     The policy learns on ``policy.data_split`` (by default the validation part the backbone never
     trained on: on its own training images a backbone is nearly always right, and a policy
     trained there learns to drop everything).
     """
-    p = cfg.policy
-    images = splits.val if p.data_split == "val" else splits.train
+    images = splits.val if cfg.policy.data_split == "val" else splits.train
     if len(images) == 0:
         raise ConfigError("the policy has no images: set data.val_fraction > 0, or policy.data_split: train")
-    train_images, eval_images = split_train_val(images, p.eval_fraction, cfg.data.split_seed + 1)
+    return split_train_val(images, cfg.policy.eval_fraction, cfg.data.split_seed + 1)
+
+
+def policy_tasks(cfg: ExperimentConfig, backbone: CifarResNet, splits: Splits, device) -> tuple[SkipTask, SkipTask | None, SkipTask]:
+    """(training, held-out evaluation, test) tasks sharing one backbone."""
+    p = cfg.policy
+    train_images, eval_images = policy_images(cfg, splits)
     task = SkipTask(backbone, train_images, p.reward, device=device, obs_size=p.obs_size)
     eval_task = SkipTask(backbone, eval_images, p.reward, device=device, obs_size=p.obs_size) if len(eval_images) else None
     test_task = SkipTask(backbone, splits.test, p.reward, device=device, obs_size=p.obs_size)

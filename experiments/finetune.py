@@ -1,0 +1,106 @@
+"""Jointly fine-tune backbone and policy: ``python -m experiments.finetune --config FILE [--set k=v …]``.
+
+Needs the run's pretrained backbone and trained policy (``--tag``, default ``policy``). Writes
+``runs/<name>/finetune/``: ``backbone.pt`` + ``policy.zip`` (the fine-tuned pair, each loadable
+on its own), ``checkpoints/last.pt`` (the pair, for ``--resume``), TensorBoard logs in
+``runs/<name>/tb/finetune/`` and the ``finetune`` section of ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from agents.joint import joint_finetune
+from agents.rl import ALGOS, evaluate_policy_on, policy_flops, save_atomic
+from backbone.data import Splits, load_splits
+from backbone.errors import ConfigError
+from backbone.train import resolve_device
+from backbone.weights import save_checkpoint
+from envs.block_skip import SkipTask
+from experiments.common import cli, config_from_args, experiment_parser, prepare_output_dir, tensorboard_writer, update_metrics
+from experiments.config import ExperimentConfig
+from experiments.pretrain import backbone_path, load_backbone
+from experiments.train_policy import policy_dir, policy_images
+
+STAGE = "finetune"
+
+
+def finetune_dir(run_dir: Path) -> Path:
+    return run_dir / STAGE
+
+
+def run_finetune(cfg: ExperimentConfig, tag: str = "policy", resume: bool = False, splits: Splits | None = None) -> dict:
+    """Fine-tune the run's backbone and policy ``tag`` together; evaluate the pair on the test split."""
+    run_dir, out_dir = cfg.run_dir, finetune_dir(cfg.run_dir)
+    metrics_path = run_dir / "metrics.json"
+    if resume and (out_dir / "policy.zip").exists() and metrics_path.exists():
+        done = json.loads(metrics_path.read_text()).get(STAGE)
+        if done is not None:
+            print(f"{STAGE}: already finished in {out_dir}, skipping (--overwrite to redo)")
+            return done
+    check_inputs(cfg, tag)
+    if cfg.policy.env != "oneshot":
+        raise ConfigError("joint fine-tuning needs a policy of the oneshot env (policy.env: oneshot)")
+    device = resolve_device(cfg.device)
+    splits = splits if splits is not None else load_splits(cfg.data)
+    backbone = load_backbone(run_dir, device)
+    model = ALGOS[cfg.policy.algo].load(policy_dir(run_dir, tag) / "policy.zip", device=device)
+    train_images, eval_images = policy_images(cfg, splits)
+    writer = tensorboard_writer(run_dir, STAGE)
+    tic = time.perf_counter()
+    try:
+        pair, result = joint_finetune(
+            backbone, model, splits.train, train_images, eval_images if len(eval_images) else None,
+            cfg.policy.reward, cfg.finetune, obs_size=cfg.policy.obs_size,
+            checkpoint_dir=out_dir / "checkpoints", writer=writer, resume=resume, seed=cfg.seed,
+        )
+    finally:
+        writer.close()
+    pair.eval()
+    save_checkpoint(out_dir / "backbone.pt", pair.backbone, stage=STAGE)
+    save_atomic(model, out_dir / "policy.zip")  # model.policy is the fine-tuned network itself
+
+    test_task = SkipTask(pair.backbone, splits.test, cfg.policy.reward, device=device, obs_size=cfg.policy.obs_size)
+    extra = policy_flops(model, test_task, "oneshot")
+    test = evaluate_policy_on(model, test_task, "oneshot", extra_flops=extra)
+    metrics = {
+        "policy_tag": tag,
+        "epochs": cfg.finetune.epochs,
+        "policy_steps": result["policy_steps"],
+        "train_time_s": sum(r["epoch_time_s"] for r in result["history"]),
+        "wall_time_s": time.perf_counter() - tic,
+        "policy_flops": extra,
+        "test": test,
+        "history": result["history"],
+        "batchnorm": "running statistics updated only by the rows each block runs on (the policy's routing)",
+    }
+    update_metrics(run_dir, STAGE, metrics)
+    print(
+        f"{STAGE}: test accuracy {test['accuracy']:.4f} using {test['blocks_used']:.2f} ± "
+        f"{test['blocks_used_std']:.2f} of {test_task.num_blocks} blocks, FLOPs ratio {test['flops_ratio']:.3f}; "
+        f"training {metrics['train_time_s']:.0f} s; pair saved in {out_dir}"
+    )
+    return metrics
+
+
+def check_inputs(cfg: ExperimentConfig, tag: str) -> None:
+    for path, stage in ((backbone_path(cfg.run_dir), "pretrain"), (policy_dir(cfg.run_dir, tag) / "policy.zip", "train_policy")):
+        if not path.exists():
+            raise ConfigError(f"{path} not found: run `python -m experiments.{stage}` with this config first")
+
+
+def main(args) -> None:
+    cfg = config_from_args(args)
+    resolve_device(cfg.device)
+    check_inputs(cfg, args.tag)
+    splits = load_splits(cfg.data)
+    prepare_output_dir(finetune_dir(cfg.run_dir), cfg, resume=args.resume, overwrite=args.overwrite)
+    run_finetune(cfg, args.tag, resume=args.resume, splits=splits)
+
+
+if __name__ == "__main__":
+    parser = experiment_parser(__doc__.splitlines()[0])
+    parser.add_argument("--tag", default="policy", help="which trained policy of the run to fine-tune")
+    cli(main, parser)

@@ -1,0 +1,103 @@
+"""The whole study as a user runs it: experiments.run, then evaluate, on a tiny budget."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from experiments.evaluate import evaluate_run
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = """
+name: tiny
+data: {train_size: 400, test_size: 120, num_classes: 4, val_fraction: 0.3}
+model: {arch: resnet8, width: 4}
+pretrain: {epochs: 2, batch_size: 32, warmup_epochs: 0, stochastic_depth: 0.2}
+policy: {num_envs: 16, n_steps: 4, batch_size: 64, timesteps: 256, extractor_width: 4, eval_every: 128, checkpoint_every: 128}
+finetune: {epochs: 1, batch_size: 32, policy_batch_size: 32}
+gates: {lam: 0.05}
+study: {lambdas: [0.2], latency_batch: 16, latency_repeats: 2}
+"""
+
+
+def run(*args, cwd, module="experiments.run"):
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True, timeout=600,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "2"},
+    )
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    work = tmp_path_factory.mktemp("study")
+    (work / "tiny.yaml").write_text(TINY)
+    result = run("--config", "tiny.yaml", cwd=work)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return work, result
+
+
+def test_every_stage_and_baseline_is_in_the_report(study):
+    work, result = study
+    run_dir = work / "runs" / "tiny"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert {"pretrain", "policy", "lam0.2", "finetune", "compare", "evaluation"} <= set(metrics)
+    names = [m["method"] for m in metrics["compare"]["methods"]]
+    for prefix in ("full backbone", "RL policy", "RL policy + joint fine-tuning", "differentiable gates",
+                   "static ResNet-", "random dropping", "best fixed subset"):
+        assert any(n.startswith(prefix) for n in names), prefix
+    report = (run_dir / "report.md").read_text()
+    assert "static ResNet-" in report and "random dropping" in report and "| batch |" in report
+    for png in ("accuracy_vs_flops.png", "keep_rates.png", "blocks_used.png"):
+        assert (run_dir / png).stat().st_size > 1000
+    for stage in ("pretrain", "policy", "lam0.2", "finetune", "gates", "hparams"):
+        assert any((run_dir / "tb" / stage).iterdir()), stage
+    assert "report:" in result.stdout and "TensorBoard:" in result.stdout
+
+
+def test_fine_tuned_pair_is_saved_and_loadable(study):
+    from stable_baselines3 import PPO
+
+    from backbone.weights import load_model
+
+    run_dir = study[0] / "runs" / "tiny"
+    assert load_model(run_dir / "finetune" / "backbone.pt").num_blocks == 3
+    assert PPO.load(run_dir / "finetune" / "policy.zip", device="cpu").action_space.n == 3
+
+
+def test_report_numbers_match_an_independent_re_evaluation(study):
+    run_dir = study[0] / "runs" / "tiny"
+    recorded = json.loads((run_dir / "metrics.json").read_text())["evaluation"]
+    again = evaluate_run(run_dir)
+    for key in ("accuracy", "blocks_used", "flops", "flops_ratio", "keep_rate_per_block", "by_class"):
+        assert again[key] == recorded[key], key
+    assert recorded["model"] == "finetune"
+
+
+def test_resume_skips_finished_stages_and_refuses_silent_overwrite(study):
+    work, _ = study
+    again = run("--config", "tiny.yaml", "--resume", cwd=work)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.count("already finished") >= 5
+    refused = run("--config", "tiny.yaml", cwd=work)
+    assert refused.returncode == 2 and "already exists" in refused.stderr
+
+
+def test_evaluate_cli_json(study):
+    work, _ = study
+    result = run("--run", "runs/tiny", "--json", cwd=work, module="experiments.evaluate")
+    assert result.returncode == 0, result.stderr[-2000:]
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    assert data["split"] == "test" and [r["batch"] for r in data["latency"]] == [1, 16]
+    bad = run("--run", "nowhere", cwd=work, module="experiments.evaluate")
+    assert bad.returncode == 2 and "not a run directory" in bad.stderr
+
+
+def test_policy_stage_without_backbone_is_a_clear_error(tmp_path):
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    result = run("--config", "tiny.yaml", "--set", "name=empty", cwd=tmp_path, module="experiments.train_policy")
+    assert result.returncode == 2 and "no backbone" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "runs" / "empty").exists()
+    result = run("--config", "tiny.yaml", "--set", "name=empty", cwd=tmp_path, module="experiments.finetune")
+    assert result.returncode == 2 and "experiments.pretrain" in result.stderr
