@@ -20,7 +20,6 @@ against SB3's ``DummyVecEnv`` of single environments (see ``bench_env``).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 from pathlib import Path
 
@@ -127,6 +126,43 @@ def print_env_table(records: list[dict]) -> None:
               f"{r['dummy_steps_per_s']:>15.0f}{r['vec_vs_backbone']:>14.2f}{r['vec_vs_dummy']:>11.2f}{r['batch_vs_batch1_inference']:>15.2f}")
 
 
+def bench_train(arch: str, batch: int, device, steps: int, seed: int = 0) -> dict:
+    """Training images/s with the project's data path (uint8 dataset on the device, batches cut,
+    augmented and normalised there) vs the same steps on one batch already prepared on the device.
+    Target: ratio ≥ 0.8, i.e. the data path is never the bottleneck."""
+    from backbone.data import BatchLoader
+    from backbone.train import TrainConfig, build_optimizer
+
+    dataset = make_synthetic(batch * (steps + 2), num_classes=10, seed=seed)
+    model = build_resnet(arch, num_classes=10).to(device)
+    optimizer = build_optimizer(model, TrainConfig())
+    loader = BatchLoader(dataset, batch, device=device, shuffle=True, augment=True, drop_last=True, seed=seed)
+    ready_images, ready_labels = next(iter(loader.epoch_batches(0)))
+
+    def step(images, labels) -> None:
+        loss = torch.nn.functional.cross_entropy(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def with_data_path() -> None:
+        for i, (images, labels) in enumerate(loader.epoch_batches(1)):
+            if i == steps:
+                break
+            step(images, labels)
+
+    def on_device() -> None:
+        for _ in range(steps):
+            step(ready_images, ready_labels)
+
+    times = median_times({"data_path": with_data_path, "on_device": on_device}, device, warmup=1, repeats=3)
+    return {
+        "bench": "train", "device": device_name(device), "arch": arch, "batch": batch,
+        "data_path_img_per_s": steps * batch / times["data_path"], "on_device_img_per_s": steps * batch / times["on_device"],
+        "ratio": times["on_device"] / times["data_path"],
+    }
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -156,8 +192,8 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="ResNet-56 only, fewer repeats")
     parser.add_argument("--json", type=Path, default=None, help="write the records to this file")
-    parser.add_argument("--bench", nargs="+", default=["skipping", "env"], choices=["skipping", "env"],
-                        help="skipping: masked vs full forward; env: VecEnv throughput")
+    parser.add_argument("--bench", nargs="+", default=["skipping", "env", "train"], choices=["skipping", "env", "train"],
+                        help="skipping: masked vs full forward; env: VecEnv throughput; train: data path vs tensors on the device")
     args = parser.parse_args(argv)
     try:
         device = resolve_device(args.device)
@@ -180,6 +216,11 @@ def main(argv=None) -> None:
         print()
         print_env_table(env_records)
         records += env_records
+    if "train" in args.bench:
+        r = bench_train(archs[0], 128, device, steps=3 if device.type == "cpu" else 20)
+        print(f"\ntraining {r['arch']} batch {r['batch']}: {r['data_path_img_per_s']:.0f} img/s with the data path, "
+              f"{r['on_device_img_per_s']:.0f} img/s on prepared tensors: ratio {r['ratio']:.2f}")
+        records.append(r)
     if args.json:
         write_json(args.json, {"records": records, "torch": torch.__version__})
         print(f"wrote {args.json}")

@@ -50,6 +50,7 @@ def run_gates(cfg: ExperimentConfig, backbone, splits: Splits, device, resume: b
         gated, train_time = load_gated(out / "gated.pt").to(device), load_checkpoint(out / "gated.pt")["train_time_s"]
     else:
         writer = tensorboard_writer(cfg.run_dir, "gates")
+        torch.manual_seed(cfg.seed)  # gate initialisation (and Gumbel noise) use the global RNG
         try:
             gated, history = train_gates(copy.deepcopy(backbone), splits.train, None, cfg.gates, cfg.finetune,
                                          checkpoint_dir=out / "checkpoints", writer=writer, resume=resume, seed=cfg.seed)

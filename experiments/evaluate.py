@@ -31,8 +31,6 @@ from experiments.pretrain import backbone_path
 from experiments.report import write_report
 from experiments.train_policy import policy_dir
 
-STAGES = ("pretrain", "policy", "finetune", "gates", "static")
-
 
 def final_pair_paths(run_dir: Path, tag: str = "policy") -> tuple[str, Path, Path]:
     """(name, backbone, policy) of the run's final dynamic model: fine-tuned if it exists."""

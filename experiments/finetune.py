@@ -12,6 +12,8 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 from agents.joint import joint_finetune
 from agents.rl import ALGOS, evaluate_policy_on, policy_flops, save_atomic
 from backbone.data import Splits, load_splits
@@ -49,6 +51,7 @@ def run_finetune(cfg: ExperimentConfig, tag: str = "policy", resume: bool = Fals
     model = ALGOS[cfg.policy.algo].load(policy_dir(run_dir, tag) / "policy.zip", device=device)
     train_images, eval_images = policy_images(cfg, splits)
     writer = tensorboard_writer(run_dir, STAGE)
+    torch.manual_seed(cfg.seed)  # the policy samples masks with torch's global RNG
     tic = time.perf_counter()
     try:
         pair, result = joint_finetune(

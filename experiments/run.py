@@ -50,7 +50,7 @@ def with_lambda(cfg: ExperimentConfig, lam: float) -> ExperimentConfig:
 def run_one(cfg: ExperimentConfig, splits: Splits, resume: bool, overwrite: bool) -> dict:
     """Every stage of one seed, each skipped on ``resume`` when its output exists."""
     run_dir = prepare_run_dir(cfg, resume=resume, overwrite=overwrite)
-    run_pretrain(cfg, run_dir, resume=resume, splits=splits, model=build_backbone(cfg, splits.train.num_classes))
+    run_pretrain(cfg, run_dir, resume=resume, splits=splits)  # seeds torch, then builds the backbone
     prepare_output_dir(policy_dir(run_dir), cfg, resume=resume)
     run_train_policy(cfg, "policy", resume=resume, splits=splits)
     for lam in cfg.study.lambdas:

@@ -1,6 +1,7 @@
 """The whole study as a user runs it: experiments.run, then evaluate, on a tiny budget."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +26,7 @@ study: {lambdas: [0.2], latency_batch: 16, latency_repeats: 2}
 def run(*args, cwd, module="experiments.run"):
     return subprocess.run(
         [sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True, timeout=600,
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "2"},
+        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"},
     )
 
 

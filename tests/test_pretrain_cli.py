@@ -1,6 +1,7 @@
 """The pretrain script as a user runs it: exit codes, messages, run directories."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ pretrain: {epochs: 2, batch_size: 32, warmup_epochs: 0, stochastic_depth: 0.2}
 def run(*args, cwd):
     return subprocess.run(
         [sys.executable, "-m", "experiments.pretrain", *args], cwd=cwd, capture_output=True, text=True,
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "2"}, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}, timeout=300,
     )
 
 
