@@ -42,7 +42,7 @@ class FinetuneConfig(TrainConfig):
     warmup_epochs: float = 0.0
     policy_lr: float = 1e-4  # Adam on the policy network
     policy_batch_size: int = 256
-    entropy_coef: float = 0.0  # bonus on the policy's entropy (keeps exploring)
+    entropy_coef: float = 0.01  # bonus on the policy's entropy: without it the self-critical step collapses to one mask
 
     def __post_init__(self) -> None:
         super().__post_init__()
