@@ -112,6 +112,18 @@ def update_metrics(run_dir: Path, stage: str, metrics: dict) -> dict:
     return data
 
 
+def finished_stage(run_dir: Path, section: str, output: Path, resume: bool) -> dict | None:
+    """With ``resume``: the metrics of ``section`` if that stage already finished (its ``output``
+    exists and its metrics were recorded), so the caller can skip it; else None."""
+    metrics_path = run_dir / "metrics.json"
+    if not (resume and output.exists() and metrics_path.exists()):
+        return None
+    done = json.loads(metrics_path.read_text()).get(section)
+    if done is not None:
+        print(f"{section}: already finished in {run_dir}, skipping (--overwrite to redo)")
+    return done
+
+
 def tensorboard_writer(run_dir: Path, stage: str):
     """One log tree per run: ``tensorboard --logdir runs/<name>/tb`` shows every stage."""
     from torch.utils.tensorboard import SummaryWriter

@@ -23,7 +23,7 @@ from backbone.errors import ConfigError
 from backbone.resnet import build_resnet
 from backbone.train import evaluate, resolve_device, train
 from backbone.weights import load_checkpoint, load_model, save_checkpoint
-from experiments.common import cli, config_from_args, experiment_parser, tensorboard_writer, update_metrics
+from experiments.common import cli, config_from_args, experiment_parser, finished_stage, tensorboard_writer, update_metrics
 from experiments.config import ExperimentConfig
 from experiments.pretrain import backbone_path, load_backbone
 from experiments.train_policy import policy_images
@@ -83,11 +83,11 @@ def run_static(cfg: ExperimentConfig, backbone, target_flops: float, splits: Spl
 
 def run_compare(cfg: ExperimentConfig, resume: bool = False, splits: Splits | None = None) -> dict:
     run_dir = cfg.run_dir
+    done = finished_stage(run_dir, STAGE, run_dir / "metrics.json", resume)
+    if done is not None:
+        return done
     metrics_path = run_dir / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
-    if resume and STAGE in metrics:
-        print(f"{STAGE}: already finished in {run_dir}, skipping (--overwrite to redo)")
-        return metrics[STAGE]
     if not backbone_path(run_dir).exists():
         raise ConfigError(f"no backbone in {run_dir}: run the earlier stages first")
     reference_stage, reference = gated_reference(metrics)

@@ -8,7 +8,6 @@ on its own), ``checkpoints/last.pt`` (the pair, for ``--resume``), TensorBoard l
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -21,7 +20,15 @@ from backbone.errors import ConfigError
 from backbone.train import resolve_device
 from backbone.weights import save_checkpoint
 from envs.block_skip import SkipTask
-from experiments.common import cli, config_from_args, experiment_parser, prepare_output_dir, tensorboard_writer, update_metrics
+from experiments.common import (
+    cli,
+    config_from_args,
+    experiment_parser,
+    finished_stage,
+    prepare_output_dir,
+    tensorboard_writer,
+    update_metrics,
+)
 from experiments.config import ExperimentConfig
 from experiments.pretrain import backbone_path, load_backbone
 from experiments.train_policy import policy_dir, policy_images
@@ -36,12 +43,9 @@ def finetune_dir(run_dir: Path) -> Path:
 def run_finetune(cfg: ExperimentConfig, tag: str = "policy", resume: bool = False, splits: Splits | None = None) -> dict:
     """Fine-tune the run's backbone and policy ``tag`` together; evaluate the pair on the test split."""
     run_dir, out_dir = cfg.run_dir, finetune_dir(cfg.run_dir)
-    metrics_path = run_dir / "metrics.json"
-    if resume and (out_dir / "policy.zip").exists() and metrics_path.exists():
-        done = json.loads(metrics_path.read_text()).get(STAGE)
-        if done is not None:
-            print(f"{STAGE}: already finished in {out_dir}, skipping (--overwrite to redo)")
-            return done
+    done = finished_stage(run_dir, STAGE, out_dir / "policy.zip", resume)
+    if done is not None:
+        return done
     check_inputs(cfg, tag)
     if cfg.policy.env != "oneshot":
         raise ConfigError("joint fine-tuning needs a policy of the oneshot env (policy.env: oneshot)")

@@ -7,7 +7,6 @@ Writes into ``runs/<name>/``: ``config.yaml``, ``tb/pretrain/`` (TensorBoard),
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from backbone.weights import load_model, load_weights, save_checkpoint
 from experiments.common import (
     cli,
     config_from_args,
+    finished_stage,
     experiment_parser,
     prepare_run_dir,
     tensorboard_writer,
@@ -79,13 +79,9 @@ def run_pretrain(
 
     ``splits``, ``model``: the data and initial model of ``cfg``, if the caller built them already.
     """
-    metrics_path = run_dir / "metrics.json"
-    if resume and backbone_path(run_dir).exists() and metrics_path.exists():
-        done = json.loads(metrics_path.read_text()).get(STAGE)
-        if done is not None:
-            print(f"pretrain: already finished in {run_dir}, skipping (--overwrite to redo)")
-            return done
-
+    done = finished_stage(run_dir, STAGE, backbone_path(run_dir), resume)
+    if done is not None:
+        return done
     device = resolve_device(cfg.device)
     splits = splits if splits is not None else load_splits(cfg.data)
     if model is None:

@@ -9,7 +9,6 @@ Several tags (e.g. one per λ) share one backbone.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from backbone.errors import ConfigError
 from backbone.resnet import CifarResNet
 from backbone.train import evaluate, resolve_device
 from envs.block_skip import SkipTask
-from experiments.common import cli, config_from_args, experiment_parser, prepare_output_dir, update_metrics
+from experiments.common import cli, config_from_args, experiment_parser, finished_stage, prepare_output_dir, update_metrics
 from experiments.config import ExperimentConfig
 from experiments.pretrain import backbone_path, build_backbone, load_backbone
 
@@ -70,12 +69,9 @@ def run_train_policy(
 ) -> dict:
     """Train the policy of ``cfg`` on the run's backbone; evaluate it on the test split."""
     run_dir, out_dir = cfg.run_dir, policy_dir(cfg.run_dir, tag)
-    metrics_path = run_dir / "metrics.json"
-    if resume and (out_dir / "policy.zip").exists() and metrics_path.exists():
-        done = json.loads(metrics_path.read_text()).get(tag)
-        if done is not None:
-            print(f"{tag}: already finished in {out_dir}, skipping (--overwrite to redo)")
-            return done
+    done = finished_stage(run_dir, tag, out_dir / "policy.zip", resume)
+    if done is not None:
+        return done
     device = resolve_device(cfg.device)
     splits = splits if splits is not None else load_splits(cfg.data)
     backbone = find_backbone(cfg, splits, device)

@@ -29,17 +29,10 @@ def make_backbone(depth: int = 14) -> torch.nn.Module:
     return model.eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny batches: a second thread only waits on the first (and on other processes' cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
-def task(_one_thread) -> SkipTask:
+def task() -> SkipTask:
     return SkipTask(make_backbone(), make_synthetic(64, num_classes=4), RewardConfig(lam=0.05))
 
 

@@ -13,14 +13,6 @@ from backbone.train import TrainConfig
 from backbone.weights import load_checkpoint, save_checkpoint
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def data():
     return make_synthetic(128, num_classes=4)

@@ -17,6 +17,14 @@ pytestmark = pytest.mark.realdata
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def two_threads():
+    """ResNet-14 on thousands of real images: here the second core pays off."""
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="module")
 def real_splits(cifar10_jpg, tmp_path_factory):
     cfg = DataConfig(name="imagefolder", root=str(cifar10_jpg), val_fraction=0.1, max_train_images=6000,

@@ -15,17 +15,10 @@ INFO_KEYS = ("correct", "blocks_used", "prediction", "label", "index", "flops", 
              "TimeLimit.truncated")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny batches: a second thread only waits on the first (and on other processes' cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
-def task(_one_thread) -> SkipTask:
+def task() -> SkipTask:
     torch.manual_seed(1)
     model = build_resnet(14, num_classes=4, width=4)
     for block in model.blocks:  # zero-init bn2 would make every block an identity

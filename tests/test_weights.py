@@ -19,14 +19,6 @@ from backbone.weights import infer_arch, load_checkpoint, load_model, load_weigh
 INPUT = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny nets: on a busy 2-core machine, intra-op threads cost ~100x the convolutions."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def make_model(depth=8, num_classes=10, shortcut="A", width=4, seed=0, **kwargs):
     """A tiny net whose every tensor matters for the output.
