@@ -102,3 +102,21 @@ def test_policy_stage_without_backbone_is_a_clear_error(tmp_path):
     assert not (tmp_path / "runs" / "empty").exists()
     result = run("--config", "tiny.yaml", "--set", "name=empty", cwd=tmp_path, module="experiments.finetune")
     assert result.returncode == 2 and "experiments.pretrain" in result.stderr
+
+
+def test_seed_summary_gives_mean_and_std(tmp_path):
+    from experiments.config import load_config
+    from experiments.run import seed_configs, summarize_seeds
+
+    cfg = load_config("quickstart", [f"output_dir={tmp_path}", "study.seeds=[0, 1]"])
+    configs = seed_configs(cfg)
+    assert [c.seed for c in configs] == [0, 1] and [c.run_dir.name for c in configs] == ["seed0", "seed1"]
+    for c, accuracy in zip(configs, (0.8, 0.9)):
+        c.run_dir.mkdir(parents=True)
+        methods = [{"method": "static ResNet-14 (equal FLOPs)", "accuracy": accuracy, "flops_ratio": 0.5}]
+        (c.run_dir / "metrics.json").write_text(json.dumps({"compare": {"methods": methods}}))
+    summary = summarize_seeds(cfg, [c.run_dir for c in configs])
+    data = json.loads((summary.parent / "summary.json").read_text())["methods"]["static ResNet-14"]
+    assert data["accuracy"][0] == pytest.approx(0.85) and data["accuracy"][1] == pytest.approx(0.0707, abs=1e-4)
+    assert "85.00 ± 7.07" in summary.read_text()
+    assert [c.seed for c in seed_configs(load_config("quickstart", ["seed=7"]))] == [7]
