@@ -106,7 +106,14 @@ def policy_flops(model: BaseAlgorithm, task: SkipTask, env_kind: str) -> int:
     """FLOPs of the policy's decisions for one image (actor only; the critic is not used at inference)."""
     space = model.observation_space
     obs = torch.zeros((1,) + space.shape, device=model.device)
-    flops = count_flops(lambda: model.policy._predict(obs, deterministic=True))
+    was_training = model.policy.training
+    # Eval mode: in training mode the policy's BatchNorm layers would fold this dummy input
+    # into their running statistics and change every later decision.
+    model.policy.set_training_mode(False)
+    try:
+        flops = count_flops(lambda: model.policy._predict(obs, deterministic=True))
+    finally:
+        model.policy.set_training_mode(was_training)
     return flops * (task.num_blocks if env_kind == "sequential" else 1)
 
 

@@ -74,6 +74,9 @@ def test_report_numbers_match_an_independent_re_evaluation(study):
     for key in ("accuracy", "blocks_used", "flops", "flops_ratio", "keep_rate_per_block", "by_class"):
         assert again[key] == recorded[key], key
     assert recorded["model"] == "finetune"
+    stage = json.loads((run_dir / "metrics.json").read_text())["finetune"]["test"]
+    for key in ("accuracy", "blocks_used", "flops", "keep_rate_per_block", "top_masks"):
+        assert recorded[key] == stage[key], key  # the saved pair scores as the stage measured it
 
 
 def test_resume_skips_finished_stages_and_refuses_silent_overwrite(study):

@@ -109,6 +109,18 @@ def test_evaluation_matches_the_task_and_counts_the_policy(tmp_path):
     assert 0 < extra < task.cost.full_flops
 
 
+def test_counting_policy_flops_changes_nothing(tmp_path):
+    """A freshly loaded policy is in training mode; counting its FLOPs must not touch its
+    BatchNorm statistics (that once made re-evaluations differ from the stage's own numbers)."""
+    task = toy_task(n=64)
+    model, _ = train_policy(small_cfg(timesteps=256), task, tmp_path, seed=5)
+    loaded = type(model).load(tmp_path / "last.zip", device="cpu")
+    before = {k: v.clone() for k, v in loaded.policy.state_dict().items()}
+    policy_flops(loaded, task, "oneshot")
+    assert all(torch.equal(v, before[k]) for k, v in loaded.policy.state_dict().items())
+    assert evaluate_policy_on(loaded, task) == evaluate_policy_on(model, task)
+
+
 def test_curriculum_forces_early_blocks_on(tmp_path):
     task = toy_task(n=64)
     from agents.rl import CurriculumCallback
