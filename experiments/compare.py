@@ -3,7 +3,9 @@
 Always in the same run, on the test split: the full backbone; the RL policy before and after
 joint fine-tuning; the differentiable-gate model (same backbone, fine-tuning budget); a static
 ResNet of equal FLOPs trained with the pretraining recipe; random dropping at the gated model's
-keep rate; the best fixed block subset of that size (greedy, chosen on held-out images). Writes
+keep rate; the best fixed block subset of that size (greedy, chosen on held-out images); the
+dynamic model's most frequent mask with the backbone fine-tuned on it (same recipe as the joint
+fine-tuning: what that fine-tuning gains without per-image decisions). Writes
 ``runs/<name>/{gates,baselines}/`` and the ``compare`` section of ``metrics.json``.
 """
 
@@ -81,6 +83,26 @@ def run_static(cfg: ExperimentConfig, backbone, target_flops: float, splits: Spl
     return {"depth": depth, "flops": flops, "accuracy": evaluate(model, splits.test)["accuracy"], "train_time_s": train_time}
 
 
+def run_fixed_mask_finetune(cfg: ExperimentConfig, backbone, mask: torch.Tensor, splits: Splits, device, resume: bool) -> dict:
+    """The fair comparator of joint fine-tuning: the same fine-tuning recipe and budget, but one
+    fixed mask (the dynamic model's most frequent) for every image, i.e. a static sub-network."""
+    out = cfg.run_dir / "baselines" / "fixed_mask_finetuned.pt"
+    if resume and out.exists():
+        model, train_time = load_model(out).to(device), load_checkpoint(out)["train_time_s"]
+    else:
+        model = copy.deepcopy(backbone)
+        fixed = mask.to(device)
+
+        def same_mask(images: torch.Tensor, labels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+            return fixed.expand(images.shape[0], -1)
+
+        history = train(model, splits.train, None, cfg.finetune, checkpoint_dir=out.parent / "checkpoints_fixed_mask",
+                        resume=resume, mask_sampler=same_mask, seed=cfg.seed, desc="fixed-mask fine-tune")
+        train_time = sum(r["epoch_time_s"] for r in history["history"])
+        save_checkpoint(out, model, train_time_s=train_time)
+    return {"accuracy": fixed_mask_accuracy(model, splits.test, mask), "train_time_s": train_time}
+
+
 def run_compare(cfg: ExperimentConfig, resume: bool = False, splits: Splits | None = None) -> dict:
     run_dir = cfg.run_dir
     done = finished_stage(run_dir, STAGE, run_dir / "metrics.json", resume)
@@ -127,6 +149,12 @@ def run_compare(cfg: ExperimentConfig, resume: bool = False, splits: Splits | No
     methods.append(_record(f"best fixed subset ({num_keep} blocks)", fixed_mask_accuracy(backbone, splits.test, subset),
                            cost.mask_flops(subset).item(), full, num_keep, None,
                            mask="".join("1" if b else "0" for b in subset.tolist())))
+
+    top = reference["top_masks"][0]["mask"]
+    frequent = torch.tensor([c == "1" for c in top])
+    tuned = run_fixed_mask_finetune(cfg, backbone, frequent, splits, device, resume)
+    methods.append(_record(f"most frequent mask, fine-tuned ({int(frequent.sum())} blocks)", tuned["accuracy"],
+                           cost.mask_flops(frequent).item(), full, int(frequent.sum()), tuned["train_time_s"], mask=top))
 
     result = {"reference": reference_stage, "keep_rate": keep_rate, "methods": methods, "gates": g,
               "fixed_subset_path": path, "wall_time_s": time.perf_counter() - tic}

@@ -46,7 +46,7 @@ def test_every_stage_and_baseline_is_in_the_report(study):
     assert {"pretrain", "policy", "lam0.2", "finetune", "compare", "evaluation"} <= set(metrics)
     names = [m["method"] for m in metrics["compare"]["methods"]]
     for prefix in ("full backbone", "RL policy", "RL policy + joint fine-tuning", "differentiable gates",
-                   "static ResNet-", "random dropping", "best fixed subset"):
+                   "static ResNet-", "random dropping", "best fixed subset", "most frequent mask, fine-tuned"):
         assert any(n.startswith(prefix) for n in names), prefix
     report = (run_dir / "report.md").read_text()
     assert "static ResNet-" in report and "random dropping" in report and "| batch |" in report
