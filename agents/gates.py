@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from backbone.cost import count_flops, measure_backbone_cost
 from backbone.data import BatchLoader, ImageDataset
 from backbone.errors import ConfigError
-from backbone.resnet import CifarResNet, check_keep_mask, run_block_masked
+from backbone.resnet import BackboneWrapper, CifarResNet, check_keep_mask, run_block_masked
 from backbone.train import TrainConfig, train
 from backbone.weights import ARCH_FIELDS, load_checkpoint
 
@@ -73,7 +73,7 @@ class Gate(nn.Module):
         return self.mlp(h.mean(dim=(2, 3))).squeeze(1)
 
 
-class GatedResNet(nn.Module):
+class GatedResNet(BackboneWrapper):
     """A ``CifarResNet`` (submodule ``backbone``) with one gate per residual block.
 
     After each forward, ``last_keep_mask`` holds the (B, L) bool decisions and ``last_gates`` the
@@ -90,14 +90,6 @@ class GatedResNet(nn.Module):
         self._exact_skip = backbone.arch.get("shortcut") == "B"
         self.last_keep_mask: torch.Tensor | None = None
         self.last_gates: torch.Tensor | None = None
-
-    @property
-    def num_blocks(self) -> int:
-        return self.backbone.num_blocks
-
-    @property
-    def num_classes(self) -> int:
-        return self.backbone.num_classes
 
     @property
     def arch(self) -> dict:

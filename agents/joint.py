@@ -27,7 +27,7 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 
 from backbone.data import BatchLoader, ImageDataset
 from backbone.errors import ConfigError
-from backbone.resnet import CifarResNet
+from backbone.resnet import BackboneWrapper, CifarResNet
 from backbone.train import TrainConfig, train
 from envs.block_skip import downsample_images
 from envs.rewards import RewardConfig, episode_reward
@@ -50,21 +50,13 @@ class FinetuneConfig(TrainConfig):
             raise ConfigError("finetune.policy_lr must be > 0, policy_batch_size >= 1, entropy_coef >= 0")
 
 
-class PolicyBackbone(nn.Module):
+class PolicyBackbone(BackboneWrapper):
     """The (backbone, policy) pair as one module: one state dict, one checkpoint, and
     ``forward(images)`` runs the backbone with the policy's deterministic masks."""
 
     def __init__(self, backbone: CifarResNet, policy: nn.Module, obs_size: int | None = None):
         super().__init__()
         self.backbone, self.policy, self.obs_size = backbone, policy, obs_size
-
-    @property
-    def num_blocks(self) -> int:
-        return self.backbone.num_blocks
-
-    @property
-    def num_classes(self) -> int:
-        return self.backbone.num_classes
 
     @property
     def arch(self) -> dict:

@@ -225,6 +225,21 @@ class CifarResNet(nn.Module):
         return self.head(x)
 
 
+class BackboneWrapper(nn.Module):
+    """Base of modules that wrap a ``CifarResNet`` as ``self.backbone`` (gated model, policy +
+    backbone pair) and expose what the training loop needs of it."""
+
+    backbone: CifarResNet
+
+    @property
+    def num_blocks(self) -> int:
+        return self.backbone.num_blocks
+
+    @property
+    def num_classes(self) -> int:
+        return self.backbone.num_classes
+
+
 def check_keep_mask(keep_mask: torch.Tensor, batch: int, num_blocks: int) -> torch.Tensor:
     """Validate a keep mask and return it as a bool tensor on the CPU.
 

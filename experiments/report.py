@@ -48,29 +48,26 @@ def plot_accuracy_vs_flops(metrics: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_keep_rates(evaluation: dict, path: Path) -> None:
-    rates = evaluation["keep_rate_per_block"]
+def _bar_chart(values: list, path: Path, xlabel: str, ylabel: str, title: str, color: str, ylim=None) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 3.2))
-    ax.bar(range(len(rates)), rates, color="tab:green")
-    ax.set_xlabel("residual block")
-    ax.set_ylabel("share of images that run it")
-    ax.set_ylim(0, 1.05)
-    ax.set_title("Per-block keep rate")
+    ax.bar(range(len(values)), values, color=color)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_keep_rates(evaluation: dict, path: Path) -> None:
+    _bar_chart(evaluation["keep_rate_per_block"], path, "residual block", "share of images that run it",
+               "Per-block keep rate", "tab:green", ylim=(0, 1.05))
 
 
 def plot_blocks_histogram(evaluation: dict, path: Path) -> None:
-    counts = evaluation["blocks_histogram"]
-    fig, ax = plt.subplots(figsize=(6.4, 3.2))
-    ax.bar(range(len(counts)), counts, color="tab:orange")
-    ax.set_xlabel("blocks executed per image")
-    ax.set_ylabel("images")
-    ax.set_title("Blocks used")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _bar_chart(evaluation["blocks_histogram"], path, "blocks executed per image", "images", "Blocks used", "tab:orange")
 
 
 def markdown(metrics: dict, cfg) -> str:

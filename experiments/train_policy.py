@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from agents.rl import ALGOS, evaluate_policy_on, save_atomic, train_policy
+from agents.rl import evaluate_policy_on, save_atomic, train_policy
 from backbone.data import ImageDataset, Splits, load_splits, split_train_val
 from backbone.errors import ConfigError
 from backbone.resnet import CifarResNet
@@ -110,11 +110,6 @@ def run_train_policy(
     )
     print(f"{tag}: policy saved to {out_dir / 'policy.zip'}; TensorBoard: tensorboard --logdir {run_dir / 'tb'}")
     return metrics
-
-
-def load_policy(run_dir: Path, tag: str = "policy", algo: str = "ppo", device="cpu"):
-    """The trained SB3 policy of a run (zips are only loaded from run directories)."""
-    return ALGOS[algo].load(policy_dir(run_dir, tag) / "policy.zip", device=device)
 
 
 def main(args) -> None:
