@@ -94,16 +94,26 @@ class PolicyGradientStep:
         device = next(pair.parameters()).device
         self.loader = BatchLoader(policy_images, cfg.policy_batch_size, device=device, shuffle=True, seed=seed + 1, drop_last=False)
         self.optimizer = torch.optim.Adam(pair.policy.parameters(), lr=cfg.policy_lr)
-        self._epoch, self._batches = 0, iter(())
+        self._epoch, self._position, self._batches = 0, 0, None  # where in the policy images we are
         self.history: list[dict] = []
 
     def _next_batch(self):
-        batch = next(self._batches, None)
-        if batch is None:
-            self._batches = self.loader.epoch_batches(self._epoch)
-            self._epoch += 1
-            batch = next(self._batches)
-        return batch
+        if self._position == len(self.loader):  # this epoch of policy images is used up
+            self._epoch, self._position, self._batches = self._epoch + 1, 0, None
+        if self._batches is None:
+            self._batches = self.loader.epoch_batches(self._epoch, self._position)
+        self._position += 1
+        return next(self._batches)
+
+    def state_dict(self) -> dict:
+        """What a checkpoint of ``train`` keeps of this hook, so a resumed run continues exactly."""
+        return {"optimizer": self.optimizer.state_dict(), "epoch": self._epoch, "position": self._position,
+                "history": self.history}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self._epoch, self._position, self.history = state["epoch"], state["position"], state["history"]
+        self._batches = None
 
     def _rewards(self, images, labels, masks) -> torch.Tensor:
         backbone = self.pair.backbone
@@ -145,8 +155,8 @@ def joint_finetune(
 
     ``train_set``: the backbone's images; ``policy_set``: the policy's images; ``val_set``:
     evaluated each epoch with the pair's deterministic masks. Checkpoints of the pair (one state
-    dict) go to ``checkpoint_dir``; ``resume`` continues from the last finished epoch (the
-    policy's Adam moments restart then: they are not part of the state dict).
+    dict, plus the policy's optimiser and data position) go to ``checkpoint_dir``; ``resume``
+    continues from the last checkpoint.
     """
     if not hasattr(model.policy, "get_distribution") or model.action_space.__class__.__name__ != "MultiBinary":
         raise ConfigError("joint fine-tuning needs a policy trained on the oneshot env (MultiBinary masks)")
@@ -154,7 +164,7 @@ def joint_finetune(
     policy_step = PolicyGradientStep(pair, policy_set, reward, cfg, seed)
 
     def sample_masks(images: torch.Tensor, labels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        # SB3 samples with the global torch RNG (not ``gen``): resumed runs are close, not bit-equal.
+        # SB3 samples with the global torch RNG (not ``gen``); train() checkpoints that RNG too.
         return pair.decide(images, deterministic=False)
 
     result = train(

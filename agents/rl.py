@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from agents.policies import policy_kwargs
 from backbone.cost import count_flops
 from backbone.errors import ConfigError
+from backbone.interrupt import Interrupted, deferred_stop, stop_requested
 from envs.block_skip import SkipTask
 from envs.rewards import RewardConfig
 from envs.vec import BlockSkipSeqVecEnv, BlockSkipVecEnv
@@ -275,6 +276,9 @@ class CheckpointEvalCallback(BaseCallback):
         if self.num_timesteps >= self._next_ckpt:
             self._next_ckpt += self.cfg.checkpoint_every
             self.save()
+        if stop_requested():  # SIGINT/SIGTERM: save now and end learn(); train_policy raises
+            self.save()
+            return False
         return True
 
     def save(self) -> None:
@@ -340,7 +344,14 @@ def train_policy(
         callbacks.append(CurriculumCallback(task.num_blocks, cfg.curriculum_steps))
     remaining = cfg.timesteps - model.num_timesteps
     if remaining > 0:
-        model.learn(remaining, callback=callbacks, reset_num_timesteps=False, log_interval=1)
+        with deferred_stop():
+            model.learn(remaining, callback=callbacks, reset_num_timesteps=False, log_interval=1)
+        signal_name = stop_requested()
+        if signal_name:
+            raise Interrupted(
+                f"{signal_name}: stopped at timestep {model.num_timesteps}/{cfg.timesteps}; "
+                f"saved {last}: rerun with --resume"
+            )
         saver.save()
     progress["policy_flops"] = extra_flops
     env.close()

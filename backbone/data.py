@@ -409,8 +409,8 @@ def augment_batch(
 class BatchLoader:
     """Batches ``(images_uint8, labels)`` of a dataset that is copied to ``device`` once.
 
-    Epoch ``e`` takes its order and augmentation from a CPU generator seeded by ``(seed, e)``,
-    so any epoch replays exactly after a resume. ``shuffle=False``: dataset order (evaluation).
+    Epoch ``e`` takes its order from a CPU generator seeded by ``(seed, e)`` and batch ``i`` its
+    augmentation from one seeded by ``(seed, e, i)``, so any batch replays exactly after a resume. ``shuffle=False``: dataset order (evaluation).
     ``drop_last``: drop a final short batch. ``augment``: :func:`augment_batch` with ``padding``.
     """
 
@@ -442,16 +442,21 @@ class BatchLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self.epoch_batches(self.epoch)
 
-    def epoch_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The batches of epoch ``epoch``: the same for the same (seed, epoch)."""
-        # SeedSequence mixes (seed, epoch) into unrelated streams; "seed + epoch" would make
-        # seed 1's epoch 0 replay seed 0's epoch 1.
-        g = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, epoch]).generate_state(1, np.uint64)[0]))
+    def epoch_batches(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches of epoch ``epoch``, from batch ``start`` on. Batch ``i`` depends only on
+        ``(seed, epoch, i)``, so a run stopped in the middle of an epoch continues exactly."""
         n = len(self.images)
-        order = (torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)).to(self.images.device)
-        for i in range(len(self)):
+        order = torch.randperm(n, generator=_generator(self.seed, epoch)) if self.shuffle else torch.arange(n)
+        order = order.to(self.images.device)
+        for i in range(start, len(self)):
             idx = order[i * self.batch_size : (i + 1) * self.batch_size]
             images = self.images.index_select(0, idx)
             if self.augment:
-                images = augment_batch(images, g, self.padding)
+                images = augment_batch(images, _generator(self.seed, epoch, i + 1), self.padding)
             yield images, self.labels.index_select(0, idx)
+
+
+def _generator(*key: int) -> torch.Generator:
+    # SeedSequence mixes the key into unrelated streams; "seed + epoch" would make seed 1's
+    # epoch 0 replay seed 0's epoch 1.
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1, np.uint64)[0]))

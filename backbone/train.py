@@ -2,10 +2,13 @@
 
 Used for backbone pretraining, for the static baselines (same recipe, other depth) and, through
 ``mask_sampler``, for training with stochastic depth or with masks chosen by a policy.
-Checkpoints are written at the end of every epoch (atomically), so ``resume=True`` continues an
-interrupted run from the last finished epoch; every random choice of epoch ``k`` (data order,
-augmentation, stochastic-depth masks) comes from a generator seeded by ``(seed, k)``, so a
-resumed run sees the same epochs as an uninterrupted one.
+Checkpoints (written atomically) hold everything the run needs to continue: weights, optimiser,
+schedule, RNG states, the running sums of a part-done epoch and the ``after_step`` hook's own
+state. They are written at the end of every epoch, every ``checkpoint_every_s`` seconds inside
+one, and when SIGINT/SIGTERM asks the run to stop (see ``backbone.interrupt``). The data order
+and augmentation of epoch ``k`` / batch ``i`` are functions of ``(seed, k, i)``, so on the CPU a
+run resumed with ``resume=True`` after a kill at any point ends bit-identical to one never
+interrupted.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from tqdm.auto import tqdm
 
 from backbone.data import BatchLoader, ImageDataset
 from backbone.errors import ConfigError, DyndepthError
+from backbone.interrupt import Interrupted, deferred_stop, stop_requested
 from backbone.resnet import CifarResNet
 from backbone.weights import load_checkpoint, save_checkpoint
 
@@ -62,12 +66,16 @@ class TrainConfig:
     channels_last: bool = True  # CUDA only
     compile: bool = False  # torch.compile the plain (unmasked) forward
     eval_batch_size: int = 512
+    # Also checkpoint inside an epoch when this many seconds passed since the last save (0: only
+    # at epoch ends), so a killed run loses at most this much of a long CPU epoch.
+    checkpoint_every_s: float = 600.0
 
     def __post_init__(self) -> None:
         checks = [
             (self.epochs >= 0, "epochs must be >= 0 (0: no training, e.g. evaluate imported weights)"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.eval_batch_size >= 1, "eval_batch_size must be >= 1"),
+            (self.checkpoint_every_s >= 0, "checkpoint_every_s must be >= 0 (0: only at epoch ends)"),
             (self.lr > 0, "lr must be > 0"),
             (0 <= self.momentum < 1, "momentum must be in [0, 1)"),
             (self.weight_decay >= 0, "weight_decay must be >= 0"),
@@ -236,7 +244,7 @@ def train(
     forward = torch.compile(model) if cfg.compile else model
 
     history: list[dict] = []
-    start_epoch, best_accuracy = 0, -1.0
+    start_epoch, start_batch, best_accuracy, partial = 0, 0, -1.0, None
     last_path = best_path = None
     if checkpoint_dir is not None:
         checkpoint_dir = Path(checkpoint_dir)
@@ -248,69 +256,120 @@ def train(
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             start_epoch, best_accuracy, history = state["epoch"], state["best_accuracy"], state["history"]
+            start_batch, partial = state.get("batch", 0), state.get("partial")
+            _restore_rng(state.get("rng"), device)
+            if hasattr(after_step, "load_state_dict") and "after_step" in state:
+                after_step.load_state_dict(state["after_step"])
 
-    step = start_epoch * len(loader)
-    for epoch in range(start_epoch, cfg.epochs):
-        model.train()
-        gen = epoch_generator(seed, epoch, device)
-        loss_sum = torch.zeros((), device=device)
-        correct_sum = torch.zeros((), device=device)
-        seen, tic = 0, time.perf_counter()
-        bar = tqdm(loader.epoch_batches(epoch), total=len(loader), desc=f"{desc} {epoch + 1}/{cfg.epochs}", leave=False)
-        for images, labels in bar:
-            if device.type == "cuda" and cfg.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            keep_mask = mask_sampler(images, labels, gen) if mask_sampler is not None else None
-            with _autocast(device, cfg.amp):
-                if loss_fn is not None:
-                    loss, logits = loss_fn(images, labels, keep_mask)
-                else:
-                    logits = forward(images) if keep_mask is None else model(images, keep_mask)
-                    loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            if after_step is not None:
-                after_step(images, labels, keep_mask, logits.detach())
-            step += 1
-            # Accumulate on the device: no host sync per step.
-            loss_sum += loss.detach() * labels.shape[0]
-            correct_sum += (logits.argmax(1) == labels).sum()
-            seen += labels.shape[0]
-        epoch_time = time.perf_counter() - tic
-        train_loss = loss_sum.item() / seen
-        if not math.isfinite(train_loss):
-            raise NonFiniteLossError(
-                f"non-finite training loss in epoch {epoch + 1} (step {step}); "
-                f"the last good checkpoint ({last_path}) is kept. Lower the learning rate."
-            )
-        record = {
-            "epoch": epoch + 1,
-            "train_loss": train_loss,
-            "train_accuracy": correct_sum.item() / seen,
-            "lr": optimizer.param_groups[0]["lr"],
-            "images_per_s": seen / epoch_time,
-            "epoch_time_s": epoch_time,
-        }
-        if val_set is not None and len(val_set) > 0:
-            val = evaluate(model, val_set, cfg.eval_batch_size)
-            record.update(val_accuracy=val["accuracy"], val_loss=val["loss"])
-        history.append(record)
-        _log_epoch(writer, record, step)
-        tqdm.write(_format_record(desc, record))
+    def save_last(epoch_done: int, batch_done: int, sums: dict | None = None) -> None:
+        """``last.pt`` after ``epoch_done`` whole epochs and ``batch_done`` batches of the next."""
+        extra = {"epoch": epoch_done, "batch": batch_done, "best_accuracy": best_accuracy, "history": history,
+                 "rng": _rng_state(device)}
+        if sums is not None:
+            extra["partial"] = {k: v.cpu() if torch.is_tensor(v) else v for k, v in sums.items()}
+        if hasattr(after_step, "state_dict"):
+            extra["after_step"] = after_step.state_dict()
+        save_checkpoint(last_path, model, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), **extra)
 
-        accuracy = record.get("val_accuracy", record["train_accuracy"])
-        is_best = accuracy > best_accuracy
-        best_accuracy = max(best_accuracy, accuracy)
-        if last_path is not None:
-            extra = {"epoch": epoch + 1, "best_accuracy": best_accuracy, "history": history}
-            save_checkpoint(
-                last_path, model, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), **extra
-            )
-            if is_best:
-                save_checkpoint(best_path, model, **extra)
+    step = start_epoch * len(loader) + start_batch
+    last_save = time.monotonic()
+    with deferred_stop():
+        for epoch in range(start_epoch, cfg.epochs):
+            model.train()
+            gen = epoch_generator(seed, epoch, device)
+            first = start_batch if epoch == start_epoch else 0
+            if first and partial is not None:  # resumed in the middle of this epoch
+                gen.set_state(partial.pop("mask_rng"))
+                sums = {k: v.to(device) if torch.is_tensor(v) else v for k, v in partial.items()}
+            else:
+                zero = torch.zeros((), device=device)
+                sums = {"loss_sum": zero, "correct_sum": zero.clone(), "seen": 0, "time_s": 0.0}
+            tic = time.perf_counter()
+            bar = tqdm(loader.epoch_batches(epoch, first), total=len(loader), initial=first,
+                       desc=f"{desc} {epoch + 1}/{cfg.epochs}", leave=False)
+            for batch, (images, labels) in enumerate(bar, start=first):
+                if device.type == "cuda" and cfg.channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                keep_mask = mask_sampler(images, labels, gen) if mask_sampler is not None else None
+                with _autocast(device, cfg.amp):
+                    if loss_fn is not None:
+                        loss, logits = loss_fn(images, labels, keep_mask)
+                    else:
+                        logits = forward(images) if keep_mask is None else model(images, keep_mask)
+                        loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                if after_step is not None:
+                    after_step(images, labels, keep_mask, logits.detach())
+                step += 1
+                # Accumulate on the device: no host sync per step.
+                sums["loss_sum"] = sums["loss_sum"] + loss.detach() * labels.shape[0]
+                sums["correct_sum"] = sums["correct_sum"] + (logits.argmax(1) == labels).sum()
+                sums["seen"] += labels.shape[0]
+                signal_name = stop_requested()
+                overdue = cfg.checkpoint_every_s > 0 and time.monotonic() - last_save > cfg.checkpoint_every_s
+                if last_path is not None and (signal_name or overdue):
+                    now = time.perf_counter()
+                    sums["time_s"] += now - tic
+                    tic = now
+                    save_last(epoch, batch + 1, {**sums, "mask_rng": gen.get_state()})
+                    last_save = time.monotonic()
+                if signal_name:
+                    where = f"epoch {epoch + 1}, batch {batch + 1}/{len(loader)}"
+                    if last_path is None:
+                        raise Interrupted(f"{signal_name}: stopped at {where} (no checkpoint directory)")
+                    raise Interrupted(f"{signal_name}: stopped at {where}; saved {last_path}: rerun with --resume")
+            bar.close()
+            epoch_time = sums["time_s"] + time.perf_counter() - tic
+            seen = sums["seen"]
+            train_loss = sums["loss_sum"].item() / seen
+            if not math.isfinite(train_loss):
+                raise NonFiniteLossError(
+                    f"non-finite training loss in epoch {epoch + 1} (step {step}); "
+                    f"the last good checkpoint ({last_path}) is kept. Lower the learning rate."
+                )
+            record = {
+                "epoch": epoch + 1,
+                "train_loss": train_loss,
+                "train_accuracy": sums["correct_sum"].item() / seen,
+                "lr": optimizer.param_groups[0]["lr"],
+                "images_per_s": seen / epoch_time,
+                "epoch_time_s": epoch_time,
+            }
+            if val_set is not None and len(val_set) > 0:
+                val = evaluate(model, val_set, cfg.eval_batch_size)
+                record.update(val_accuracy=val["accuracy"], val_loss=val["loss"])
+            history.append(record)
+            _log_epoch(writer, record, step)
+            tqdm.write(_format_record(desc, record))
+
+            accuracy = record.get("val_accuracy", record["train_accuracy"])
+            is_best = accuracy > best_accuracy
+            best_accuracy = max(best_accuracy, accuracy)
+            if last_path is not None:
+                save_last(epoch + 1, 0)
+                last_save = time.monotonic()
+                if is_best:
+                    save_checkpoint(best_path, model, epoch=epoch + 1, best_accuracy=best_accuracy, history=history)
     return {"history": history, "best_accuracy": best_accuracy, "epochs": cfg.epochs}
+
+
+def _rng_state(device: torch.device) -> dict:
+    # The global RNGs matter too: SB3 samples a policy's masks from them (joint fine-tuning).
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _restore_rng(state: dict | None, device: torch.device) -> None:
+    if not state:
+        return
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def _log_epoch(writer, record: dict, step: int) -> None:

@@ -12,7 +12,8 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
-from backbone.errors import ConfigError, DyndepthError
+from backbone.errors import CheckpointError, ConfigError, DyndepthError, OutputError
+from backbone.interrupt import Interrupted, clear_stop, install_signal_handlers
 from experiments.config import ExperimentConfig, dump_config, load_config, to_dict
 
 
@@ -90,17 +91,26 @@ def _config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 def write_json(path: Path, data: dict) -> None:
-    """Write JSON atomically (temp file + rename): a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write JSON atomically (temp file + rename): a crash or a full disk never leaves half a file.
+
+    Raises ``OutputError`` (naming the file) when the disk refuses the write.
+    """
+    text = json.dumps(data, indent=2) + "\n"  # a value JSON cannot hold fails before any file is made
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
+            f.write(text)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except BaseException as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if not isinstance(err, OSError):
+            raise
+        raise OutputError(
+            f"{path} could not be written ({err.strerror or err}); any previous file there is unchanged"
+        ) from err
 
 
 def update_metrics(run_dir: Path, stage: str, metrics: dict) -> dict:
@@ -124,6 +134,44 @@ def finished_stage(run_dir: Path, section: str, output: Path, resume: bool) -> d
     return done
 
 
+def load_policy(path: Path, algo: str, backbone, env_kind: str, backbone_file: Path, device="cpu"):
+    """The SB3 policy at ``path``, checked against the backbone it is to drive.
+
+    A missing, corrupt or foreign file, or a policy trained for a backbone with another number of
+    blocks, is a ``CheckpointError`` (else SB3 or the masked forward fails with a traceback).
+    """
+    import pickle
+    import zipfile
+
+    from gymnasium.spaces import Discrete, MultiBinary
+
+    from agents.rl import ALGOS
+
+    if not Path(path).is_file():
+        raise CheckpointError(f"policy file {path} does not exist")
+    try:
+        model = ALGOS[algo].load(path, device=device)
+    except (ValueError, RuntimeError, OSError, EOFError, KeyError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+        detail = str(err).split(". ")[0] or type(err).__name__
+        raise CheckpointError(f"policy file {path} is truncated, corrupt or not a {algo} policy ({detail})") from err
+    blocks, action = backbone.num_blocks, model.action_space
+    retrain = "train a policy for this backbone (python -m experiments.train_policy)"
+    if env_kind == "oneshot" and isinstance(action, MultiBinary):
+        if action.n != blocks:
+            raise CheckpointError(f"policy {path} decides {action.n} blocks but the backbone {backbone_file} "
+                                  f"has {blocks}: it was trained for another backbone; {retrain}")
+    elif env_kind == "sequential" and isinstance(action, Discrete):
+        size = 4 * backbone.arch["width"] + blocks + 1  # SkipTask.seq_obs_dim: pooled features, block one-hot, budget
+        if model.observation_space.shape != (size,):
+            raise CheckpointError(f"policy {path} takes {model.observation_space.shape[0]} inputs but the backbone "
+                                  f"{backbone_file} ({blocks} blocks) gives {size}: it was trained for another "
+                                  f"backbone; {retrain}")
+    else:
+        raise CheckpointError(f"policy {path} (action space {action}) was not trained for the {env_kind} env of "
+                              f"policy.env; set policy.env to the env it was trained on, or {retrain}")
+    return model
+
+
 def tensorboard_writer(run_dir: Path, stage: str):
     """One log tree per run: ``tensorboard --logdir runs/<name>/tb`` shows every stage."""
     from torch.utils.tensorboard import SummaryWriter
@@ -131,9 +179,17 @@ def tensorboard_writer(run_dir: Path, stage: str):
     return SummaryWriter(str(run_dir / "tb" / stage))
 
 
-def cli(main: Callable[[argparse.Namespace], int | None], parser: argparse.ArgumentParser) -> None:
-    """Run ``main(args)``; a ``DyndepthError`` becomes one line on stderr and exit status 2."""
-    args = parser.parse_args()
+def cli(
+    main: Callable[[argparse.Namespace], int | None], parser: argparse.ArgumentParser, argv: list[str] | None = None
+) -> None:
+    """Run ``main(args)``; a ``DyndepthError`` becomes one line on stderr and exit status 2.
+
+    SIGINT (Ctrl-C) and SIGTERM stop a training loop at its next step after a checkpoint
+    (``backbone.interrupt``); the exit status is then 130 and ``--resume`` continues the run.
+    """
+    args = parser.parse_args(argv)
+    clear_stop()
+    install_signal_handlers()
     try:
         code = main(args)
     except DyndepthError as exc:
@@ -141,8 +197,13 @@ def cli(main: Callable[[argparse.Namespace], int | None], parser: argparse.Argum
             traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except Interrupted as exc:
+        print(f"interrupted: {exc}", file=sys.stderr)
+        sys.exit(130)
     except KeyboardInterrupt:
-        print("interrupted; the last finished checkpoint is kept: rerun with --resume", file=sys.stderr)
+        if args.debug:
+            traceback.print_exc()
+        print("interrupted; finished stages and the last checkpoint are kept: rerun with --resume", file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)
 

@@ -5,11 +5,12 @@ import copy
 import pytest
 import torch
 
-from agents.joint import FinetuneConfig, PolicyBackbone, joint_finetune
+from agents.joint import FinetuneConfig, PolicyBackbone, PolicyGradientStep, joint_finetune
 from agents.rl import PolicyConfig, build_model, make_vec_env
 from backbone import build_resnet
 from backbone.data import make_synthetic, split_train_val
 from backbone.errors import ConfigError
+from backbone.interrupt import Interrupted, clear_stop, request_stop
 from backbone.weights import load_checkpoint
 from envs.block_skip import SkipTask
 from envs.rewards import RewardConfig
@@ -17,6 +18,10 @@ from envs.rewards import RewardConfig
 
 @pytest.fixture()
 def setup():
+    return _setup()
+
+
+def _setup():
     torch.manual_seed(0)
     backbone = build_resnet(8, num_classes=4, width=4)
     data = make_synthetic(192, num_classes=4, seed=1)
@@ -64,6 +69,35 @@ def test_pair_checkpoint_holds_both_and_resumes(setup, tmp_path):
     pair, result = joint_finetune(backbone, model, train_set, policy_set, None, reward, _cfg(epochs=2),
                                   checkpoint_dir=tmp_path, resume=True)
     assert [r["epoch"] for r in result["history"]] == [1, 2]
+
+
+def test_stop_mid_epoch_then_resume_is_exact(tmp_path, monkeypatch):
+    backbone, model, train_set, policy_set, reward = _setup()
+    reference, _ = joint_finetune(backbone, model, train_set, policy_set, None, reward, _cfg(), checkpoint_dir=tmp_path / "a")
+
+    backbone, model, train_set, policy_set, reward = _setup()
+    step = PolicyGradientStep.__call__
+    calls = []
+
+    def step_then_stop(self, *args):  # Ctrl-C arriving during the 5th step (policy data mid-epoch)
+        step(self, *args)
+        calls.append(1)
+        if len(calls) == 5:
+            request_stop("SIGTERM")
+
+    monkeypatch.setattr(PolicyGradientStep, "__call__", step_then_stop)
+    try:
+        with pytest.raises(Interrupted, match="SIGTERM"):
+            joint_finetune(backbone, model, train_set, policy_set, None, reward, _cfg(), checkpoint_dir=tmp_path / "b")
+    finally:
+        clear_stop()
+    monkeypatch.setattr(PolicyGradientStep, "__call__", step)
+    backbone, model, train_set, policy_set, reward = _setup()
+    torch.manual_seed(99)  # the checkpoint restores the global RNG the policy samples from
+    resumed, _ = joint_finetune(backbone, model, train_set, policy_set, None, reward, _cfg(),
+                                checkpoint_dir=tmp_path / "b", resume=True)
+    for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 def test_sequential_policy_is_rejected(setup):

@@ -123,3 +123,29 @@ def test_seed_summary_gives_mean_and_std(tmp_path):
     assert data["accuracy"][0] == pytest.approx(0.85) and data["accuracy"][1] == pytest.approx(0.0707, abs=1e-4)
     assert "85.00 ± 7.07" in summary.read_text()
     assert [c.seed for c in seed_configs(load_config("quickstart", ["seed=7"]))] == [7]
+
+
+def _without_timings(value):
+    """Metrics minus what depends on the clock (timings, throughput, measured latency)."""
+    if isinstance(value, dict):
+        return {k: _without_timings(v) for k, v in value.items()
+                if k != "latency" and not any(t in k for t in ("time", "_s", "per_s"))}
+    if isinstance(value, list):
+        return [_without_timings(v) for v in value]
+    return value
+
+
+def test_two_runs_with_the_same_seed_give_the_same_metrics(study, tmp_path):
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    again = run("--config", "tiny.yaml", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    first = json.loads((study[0] / "runs" / "tiny" / "metrics.json").read_text())
+    second = json.loads((tmp_path / "runs" / "tiny" / "metrics.json").read_text())
+    assert set(first) == set(second)
+    for stage in first:
+        assert _without_timings(second[stage]) == _without_timings(first[stage]), stage
+    other_seed = run("--config", "tiny.yaml", "--set", "seed=1", "--set", "name=seed1", cwd=tmp_path,
+                     module="experiments.pretrain")
+    assert other_seed.returncode == 0, other_seed.stderr[-2000:]
+    third = json.loads((tmp_path / "runs" / "seed1" / "metrics.json").read_text())["pretrain"]
+    assert _without_timings(third["history"]) != _without_timings(first["pretrain"]["history"])

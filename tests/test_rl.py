@@ -6,10 +6,19 @@ import numpy as np
 import pytest
 import torch
 
-from agents.rl import PolicyConfig, build_model, evaluate_policy_on, make_vec_env, policy_flops, train_policy
+from agents.rl import (
+    PolicyConfig,
+    TaskMetricsCallback,
+    build_model,
+    evaluate_policy_on,
+    make_vec_env,
+    policy_flops,
+    train_policy,
+)
 from backbone import build_resnet
 from backbone.data import ImageDataset, make_synthetic
 from backbone.errors import ConfigError
+from backbone.interrupt import Interrupted, clear_stop, request_stop
 from envs.block_skip import SkipTask
 from envs.rewards import RewardConfig
 
@@ -97,6 +106,31 @@ def test_resume_continues_to_the_total_timesteps(tmp_path):
     model, progress = train_policy(more, task, tmp_path, seed=2, resume=True)
     assert model.num_timesteps == 1024 and progress["timesteps"] == 1024
     assert progress["train_time_s"] > first["train_time_s"]
+
+
+def test_stop_request_saves_the_model_and_resume_finishes(tmp_path, monkeypatch):
+    task = toy_task(n=64)
+    cfg = small_cfg(timesteps=1024, checkpoint_every=10_000)  # only the stop itself saves
+    calls = []
+    on_step = TaskMetricsCallback._on_step
+
+    def ctrl_c_at_the_6th_step(self):
+        calls.append(1)
+        if len(calls) == 6:  # 16 vec-env steps in all
+            request_stop("SIGINT")
+        return on_step(self)
+
+    monkeypatch.setattr(TaskMetricsCallback, "_on_step", ctrl_c_at_the_6th_step)
+    try:
+        with pytest.raises(Interrupted, match="SIGINT: stopped at timestep .*/1024"):
+            train_policy(cfg, task, tmp_path, seed=2)
+    finally:
+        clear_stop()
+    saved = json.loads((tmp_path / "progress.json").read_text())["timesteps"]
+    assert 0 < saved < 1024 and (tmp_path / "last.zip").exists()
+    monkeypatch.setattr(TaskMetricsCallback, "_on_step", on_step)
+    model, progress = train_policy(cfg, task, tmp_path, seed=2, resume=True)
+    assert model.num_timesteps >= 1024 and progress["timesteps"] == model.num_timesteps
 
 
 def test_evaluation_matches_the_task_and_counts_the_policy(tmp_path):

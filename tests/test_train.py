@@ -14,6 +14,7 @@ from backbone.train import (
     stochastic_depth_sampler,
     train,
 )
+from backbone.interrupt import Interrupted, clear_stop, request_stop
 from backbone.weights import load_checkpoint
 
 
@@ -79,6 +80,61 @@ def test_resume_after_interrupt_gives_the_same_weights(tiny_data, tmp_path):
     state = load_checkpoint(tmp_path / "b" / "last.pt")
     assert state["epoch"] == 3 and len(state["history"]) == 3
     assert (tmp_path / "b" / "best.pt").exists()
+
+
+def _scores(history):  # what must not change on resume (wall-clock fields do)
+    return [{k: r[k] for k in ("epoch", "train_loss", "train_accuracy", "val_accuracy", "lr")} for r in history]
+
+
+@pytest.mark.parametrize("stop_after", [3, 8, 13])  # steps: mid-epoch 1, its last step, mid-epoch 2
+def test_stop_request_saves_mid_epoch_and_resume_is_exact(tiny_data, tmp_path, stop_after):
+    train_set, val_set = tiny_data  # 8 steps per epoch
+    cfg = _cfg(epochs=3, stochastic_depth=0.3)
+    torch.manual_seed(1)
+    straight = build_resnet(8, num_classes=4, width=4)
+    reference = train(straight, train_set, val_set, cfg, checkpoint_dir=tmp_path / "a", seed=5)
+
+    steps = []
+
+    def stop_like_ctrl_c(*_):  # what the SIGINT handler does, at a chosen step
+        steps.append(1)
+        if len(steps) == stop_after:
+            request_stop("SIGINT")
+
+    torch.manual_seed(1)
+    interrupted = build_resnet(8, num_classes=4, width=4)
+    try:
+        with pytest.raises(Interrupted, match=f"batch {(stop_after - 1) % 8 + 1}/8.*--resume"):
+            train(interrupted, train_set, val_set, cfg, checkpoint_dir=tmp_path / "b", seed=5,
+                  after_step=stop_like_ctrl_c)
+    finally:
+        clear_stop()
+    state = load_checkpoint(tmp_path / "b" / "last.pt")
+    assert (state["epoch"], state["batch"]) == ((stop_after - 1) // 8, (stop_after - 1) % 8 + 1)
+    torch.manual_seed(123)  # a different global RNG: the checkpoint must restore it
+    resumed = build_resnet(8, num_classes=4, width=4)
+    result = train(resumed, train_set, val_set, cfg, checkpoint_dir=tmp_path / "b", seed=5, resume=True)
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+    assert _scores(result["history"]) == _scores(reference["history"])
+
+
+def test_timed_checkpoints_inside_an_epoch(tiny_data, tmp_path):
+    train_set, val_set = tiny_data
+    seen = []
+
+    def record_checkpoint(*_):
+        path = tmp_path / "last.pt"
+        if path.exists():
+            state = load_checkpoint(path)
+            seen.append((state["epoch"], state["batch"]))
+
+    # checkpoint_every_s tiny: a checkpoint after every step, each one a resumable position.
+    train(build_resnet(8, num_classes=4, width=4), train_set, val_set, _cfg(epochs=1, checkpoint_every_s=1e-9),
+          checkpoint_dir=tmp_path, after_step=record_checkpoint)
+    assert seen == [(0, b) for b in range(1, 8)]
+    final = load_checkpoint(tmp_path / "last.pt")
+    assert (final["epoch"], final["batch"]) == (1, 0)
 
 
 def test_stochastic_depth_drop_rates_grow_linearly():

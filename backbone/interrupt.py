@@ -1,0 +1,73 @@
+"""Graceful stops: Ctrl-C (SIGINT) and SIGTERM end a run at the next safe point, after a checkpoint.
+
+The long loops (``backbone.train.train``, the SB3 callbacks of ``agents.rl``) run inside
+:func:`deferred_stop`: a signal there only sets a flag, which the loop checks after each step; it
+then saves a checkpoint and raises :class:`Interrupted`. Outside such a loop (loading data,
+evaluating) a signal raises ``KeyboardInterrupt`` at once, which loses nothing: every file is
+written atomically, and a stage that did not finish is redone on ``--resume``. A second signal
+always stops at once.
+
+The handlers are installed by the experiment CLIs (:func:`install_signal_handlers`); a library user
+who wants the same behaviour calls it too. Without it, signals keep Python's default behaviour.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+import threading
+
+
+class Interrupted(KeyboardInterrupt):
+    """A run stopped on a signal after saving its checkpoint (the message says where)."""
+
+
+_deferring = 0  # nesting depth of deferred_stop() sections
+_requested: str | None = None  # name of the signal received inside one
+
+
+def _handle(signum: int, frame) -> None:
+    global _requested
+    name = signal.Signals(signum).name
+    if _deferring and _requested is None:
+        _requested = name
+        print(f"\n{name}: stopping after this step and saving a checkpoint (send it again to stop at once)",
+              file=sys.stderr, flush=True)
+        return
+    raise KeyboardInterrupt(f"{name} received")
+
+
+def install_signal_handlers() -> None:
+    """Route SIGINT and SIGTERM through :func:`_handle` (only possible in the main thread)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _handle)
+        signal.signal(signal.SIGTERM, _handle)
+
+
+@contextlib.contextmanager
+def deferred_stop():
+    """A section whose loop checks :func:`stop_requested` after each step and stops cleanly."""
+    global _deferring
+    _deferring += 1
+    try:
+        yield
+    finally:
+        _deferring -= 1
+
+
+def stop_requested() -> str | None:
+    """The name of the signal that asked the current loop to stop, or None."""
+    return _requested
+
+
+def request_stop(name: str = "SIGINT") -> None:
+    """Ask the running loop to stop as a signal would (for tests and embedding applications)."""
+    global _requested
+    _requested = name
+
+
+def clear_stop() -> None:
+    """Forget a handled stop request (a new run in the same process starts clean)."""
+    global _requested
+    _requested = None
