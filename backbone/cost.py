@@ -137,3 +137,25 @@ def median_times(fns: dict[str, Callable[[], object]], device: torch.device, war
             sync()
             samples[name].append(time.perf_counter() - tic)
     return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float | None:
+    """Peak memory while ``fn()`` runs, in MiB: on CUDA the most tensor memory allocated above
+    what was allocated before; on Linux CPUs the peak resident set size of the whole process
+    (reset just before the call, so it is this call's peak, baseline included). None elsewhere."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM, the peak RSS (Linux >= 4.0)
+        fn()
+        with open("/proc/self/status") as f:
+            peak_kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+        return peak_kb / 1024
+    except (OSError, StopIteration):
+        return None

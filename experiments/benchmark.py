@@ -11,7 +11,9 @@ hold on a noisy machine. One record per case:
 
 Mask kinds: ``random`` (every block kept independently with the keep rate, per image) and
 ``patterns`` (4 fixed masks with exactly that share of blocks, rows assigned at random: what a
-trained policy tends to produce).
+trained policy tends to produce). Batches smaller than 16 run as a stream of calls, each with its
+own masks, so batch 1 measures the mask kind rather than one draw. Peak memory: see
+``backbone.cost.peak_memory_mb`` (CPU: the process's peak resident memory during the call).
 
 ``--bench env`` measures the batched VecEnv's env-steps/s against the masked backbone alone and
 against SB3's ``DummyVecEnv`` of single environments (see ``bench_env``).
@@ -25,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from backbone.cost import measure_backbone_cost, median_times
+from backbone.cost import measure_backbone_cost, median_times, peak_memory_mb
 from backbone.data import make_synthetic
 from backbone.errors import ConfigError
 from backbone.resnet import build_resnet
@@ -46,20 +48,33 @@ def make_masks(kind: str, batch: int, num_blocks: int, keep_rate: float, gen: to
     raise ConfigError(f"unknown mask kind {kind!r}: use random or patterns")
 
 
-def bench_skipping(arch: str, batch: int, keep_rates, mask_kinds, device, warmup: int, repeats: int, seed: int = 0):
+#: Images per timed call at least: small batches run as a stream of calls, each with its own
+#: masks (at batch 1 one image's mask decides which blocks run, so one draw would measure one
+#: mask's luck, not the mask kind).
+IMAGES_PER_CALL = 16
+
+
+def bench_skipping(arch: str, batch: int, keep_rates, mask_kinds, device, warmup: int, repeats: int, seed: int = 0,
+                   amp: bool = False):
     model = build_resnet(arch, num_classes=100).to(device).eval()
     cost = measure_backbone_cost(model)
     gen = torch.Generator().manual_seed(seed)
     x = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, generator=gen).to(device)
-    masks = {(k, p): make_masks(k, batch, model.num_blocks, p, gen).to(device) for k in mask_kinds for p in keep_rates}
-    fns = {"full": lambda: model(x)}
-    for key, mask in masks.items():
-        fns[key] = lambda mask=mask: model(x, mask)
-    with torch.inference_mode():
+    calls = max(1, IMAGES_PER_CALL // batch)
+    masks = {
+        (k, p): make_masks(k, batch * calls, model.num_blocks, p, gen).to(device).split(batch)
+        for k in mask_kinds for p in keep_rates
+    }
+    fns = {"full": lambda: [model(x) for _ in range(calls)]}
+    for key, stream in masks.items():
+        fns[key] = lambda stream=stream: [model(x, mask) for mask in stream]
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
         times = median_times(fns, device, warmup, repeats)
+        memory = {name: peak_memory_mb(fn, device) for name, fn in fns.items()}
     records = []
-    for (kind, keep_rate), mask in masks.items():
-        flops_ratio = cost.full_flops / cost.mask_flops(mask.cpu()).mean().item()
+    for (kind, keep_rate), stream in masks.items():
+        mask = torch.cat(stream).cpu()
+        flops_ratio = cost.full_flops / cost.mask_flops(mask).mean().item()
         time_ratio = times["full"] / times[(kind, keep_rate)]
         records.append({
             "bench": "skipping",
@@ -68,13 +83,17 @@ def bench_skipping(arch: str, batch: int, keep_rates, mask_kinds, device, warmup
             "batch": batch,
             "keep_rate": keep_rate,
             "mask_kind": kind,
+            "dtype": "bf16" if amp else "fp32",
             "blocks_kept": mask.float().mean().item(),
-            "time_full_ms": times["full"] * 1e3,
-            "time_masked_ms": times[(kind, keep_rate)] * 1e3,
+            "distinct_masks": len(torch.unique(mask, dim=0)),
+            "time_full_ms": times["full"] * 1e3 / calls,
+            "time_masked_ms": times[(kind, keep_rate)] * 1e3 / calls,
             "time_fraction": 1 / time_ratio,
             "flops_ratio": flops_ratio,
             "time_ratio": time_ratio,
             "efficiency": time_ratio / flops_ratio,
+            "peak_memory_full_mb": memory["full"],
+            "peak_memory_masked_mb": memory[(kind, keep_rate)],
         })
     return records
 
@@ -108,6 +127,9 @@ def bench_env(arch: str, num_envs: int, keep_rate: float, device, warmup: int, r
             "dummy": lambda: dummy.step(actions),
             "backbone_batch1": lambda: task.backbone(one, mask[:1]),
         }, device, warmup, repeats)
+        memory = {k: peak_memory_mb(fn, device) for k, fn in
+                  (("backbone", lambda: task.backbone(images, mask)), ("vec", lambda: vec.step(actions)),
+                   ("dummy", lambda: dummy.step(actions)))}
     steps = {k: num_envs / times[k] for k in ("backbone", "vec", "dummy")}
     return {
         "bench": "env", "device": device_name(device), "arch": arch, "batch": num_envs, "keep_rate": keep_rate,
@@ -115,6 +137,7 @@ def bench_env(arch: str, num_envs: int, keep_rate: float, device, warmup: int, r
         "dummy_steps_per_s": steps["dummy"], "vec_vs_backbone": steps["vec"] / steps["backbone"],
         "vec_vs_dummy": steps["vec"] / steps["dummy"],
         "batch_vs_batch1_inference": steps["backbone"] / (1 / times["backbone_batch1"]),
+        **{f"peak_memory_{k}_mb": v for k, v in memory.items()},
     }
 
 
@@ -124,6 +147,8 @@ def print_env_table(records: list[dict]) -> None:
     for r in records:
         print(f"{r['arch']:<10}{r['batch']:>6}{r['keep_rate']:>6.2f}{r['backbone_img_per_s']:>16.0f}{r['vec_steps_per_s']:>16.0f}"
               f"{r['dummy_steps_per_s']:>15.0f}{r['vec_vs_backbone']:>14.2f}{r['vec_vs_dummy']:>11.2f}{r['batch_vs_batch1_inference']:>15.2f}")
+        print(f"peak memory (MiB): backbone {_mib(r['peak_memory_backbone_mb'])}, VecEnv step {_mib(r['peak_memory_vec_mb'])}, "
+              f"DummyVecEnv step {_mib(r['peak_memory_dummy_mb'])}")
 
 
 def bench_train(arch: str, batch: int, device, steps: int, seed: int = 0) -> dict:
@@ -156,10 +181,12 @@ def bench_train(arch: str, batch: int, device, steps: int, seed: int = 0) -> dic
             step(ready_images, ready_labels)
 
     times = median_times({"data_path": with_data_path, "on_device": on_device}, device, warmup=1, repeats=3)
+    memory = {k: peak_memory_mb(fn, device) for k, fn in (("data_path", with_data_path), ("on_device", on_device))}
     return {
         "bench": "train", "device": device_name(device), "arch": arch, "batch": batch,
         "data_path_img_per_s": steps * batch / times["data_path"], "on_device_img_per_s": steps * batch / times["on_device"],
         "ratio": times["on_device"] / times["data_path"],
+        "peak_memory_data_path_mb": memory["data_path"], "peak_memory_on_device_mb": memory["on_device"],
     }
 
 
@@ -170,15 +197,20 @@ def device_name(device: torch.device) -> str:
 
 
 def print_table(records: list[dict]) -> None:
-    header = f"{'arch':<10}{'batch':>6}{'mask':>10}{'keep':>6}{'full ms':>10}{'masked ms':>11}{'time frac':>10}{'FLOPs ratio':>12}{'time ratio':>11}{'efficiency':>11}"
+    header = (f"{'arch':<10}{'batch':>6}{'mask':>10}{'keep':>6}{'full ms':>10}{'masked ms':>11}{'time frac':>10}"
+              f"{'FLOPs ratio':>12}{'time ratio':>11}{'efficiency':>11}{'peak MiB full/masked':>22}")
     print(header)
     print("-" * len(header))
     for r in records:
         print(
             f"{r['arch']:<10}{r['batch']:>6}{r['mask_kind']:>10}{r['keep_rate']:>6.2f}{r['time_full_ms']:>10.1f}"
             f"{r['time_masked_ms']:>11.1f}{r['time_fraction']:>10.3f}{r['flops_ratio']:>12.2f}"
-            f"{r['time_ratio']:>11.2f}{r['efficiency']:>11.2f}"
+            f"{r['time_ratio']:>11.2f}{r['efficiency']:>11.2f}{_mib(r['peak_memory_full_mb']):>11}/{_mib(r['peak_memory_masked_mb']):<10}"
         )
+
+
+def _mib(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
 
 
 def main(argv=None) -> None:
@@ -191,6 +223,7 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per case (median)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="ResNet-56 only, fewer repeats")
+    parser.add_argument("--amp", action="store_true", help="skipping cases under bf16 autocast (CUDA)")
     parser.add_argument("--json", type=Path, default=None, help="write the records to this file")
     parser.add_argument("--bench", nargs="+", default=["skipping", "env", "train"], choices=["skipping", "env", "train"],
                         help="skipping: masked vs full forward; env: VecEnv throughput; train: data path vs tensors on the device")
@@ -208,7 +241,8 @@ def main(argv=None) -> None:
         for arch in archs:
             for batch in batches:
                 repeats = args.repeats or (20 if batch == 1 else 5) // (2 if args.quick else 1)
-                records += bench_skipping(arch, batch, args.keep, args.masks, device, args.warmup, max(repeats, 3))
+                records += bench_skipping(arch, batch, args.keep, args.masks, device, args.warmup, max(repeats, 3),
+                                          amp=args.amp)
                 print(f"done: {arch} batch {batch}", flush=True)
         print_table(records)
     if "env" in args.bench:
@@ -219,7 +253,8 @@ def main(argv=None) -> None:
     if "train" in args.bench:
         r = bench_train(archs[0], 128, device, steps=3 if device.type == "cpu" else 20)
         print(f"\ntraining {r['arch']} batch {r['batch']}: {r['data_path_img_per_s']:.0f} img/s with the data path, "
-              f"{r['on_device_img_per_s']:.0f} img/s on prepared tensors: ratio {r['ratio']:.2f}")
+              f"{r['on_device_img_per_s']:.0f} img/s on prepared tensors: ratio {r['ratio']:.2f}; peak memory "
+              f"{_mib(r['peak_memory_data_path_mb'])} / {_mib(r['peak_memory_on_device_mb'])} MiB")
         records.append(r)
     if args.json:
         write_json(args.json, {"records": records, "torch": torch.__version__})

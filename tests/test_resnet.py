@@ -131,3 +131,52 @@ def test_bad_masks_are_rejected():
         model(x, torch.full((2, 3), 0.5))
     with pytest.raises(TypeError):
         model(x, [[1, 1, 1], [1, 1, 1]])
+
+
+def test_shared_mask_runs_as_a_plain_shorter_network(monkeypatch):
+    """A batch whose rows share one mask (batch 1, or a policy that settled on one mask) needs
+    no gather/scatter: the kept blocks run on the whole batch, the others are skipped."""
+    import backbone.resnet as resnet
+
+    model = _random_bn(build_resnet(14, width=4)).eval()
+    x = torch.rand(5, 3, 32, 32)
+    mask = torch.tensor([1, 0, 1, 0, 0, 1], dtype=torch.bool).expand(5, 6)
+    expected = model.stem(x)
+    for block, keep in zip(model.blocks, mask[0]):
+        expected = block(expected) if keep else block.skip(expected)
+    expected = model.head(expected)
+
+    def no_gather(*args, **kwargs):
+        raise AssertionError("a shared mask must not go through the gather/scatter path")
+
+    monkeypatch.setattr(resnet, "run_block_masked", no_gather)
+    torch.testing.assert_close(model(x, mask), expected)
+    mixed = mask.clone()
+    mixed[0, 1] = True
+    with pytest.raises(AssertionError, match="gather"):
+        model(x, mixed)  # rows disagree on block 1: that block (only) needs the gather
+
+
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
+def test_masked_blocks_keep_the_memory_format(layout):
+    from backbone.resnet import memory_format_of, run_block_masked
+
+    model = _random_bn(build_resnet(14, width=4)).to(memory_format=layout).eval()
+    x = model.stem(torch.rand(4, 3, 32, 32))
+    assert memory_format_of(x) == layout
+    rows = torch.tensor([0, 2]), torch.tensor([1, 3])
+    for block in (model.blocks[0], model.blocks[2]):  # identity and downsampling shortcut
+        out = run_block_masked(block, x, *rows)
+        assert out.is_contiguous(memory_format=layout)
+        torch.testing.assert_close(out[rows[0]], block(x[rows[0]]))
+        x = block(x)
+
+
+def test_channels_last_and_nchw_models_agree():
+    torch.manual_seed(0)
+    model = _random_bn(build_resnet(14, width=4)).eval()
+    x = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    mask = torch.rand(6, model.num_blocks) < 0.5
+    fast = model(x, mask)
+    nchw = model.to(memory_format=torch.contiguous_format)(x, mask)
+    torch.testing.assert_close(fast, nchw, rtol=1e-4, atol=1e-4)

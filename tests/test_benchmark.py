@@ -1,0 +1,32 @@
+"""The benchmark CLI writes one record per case with the fields the speed issue asks for."""
+
+import json
+
+import pytest
+
+from experiments import benchmark
+
+
+def test_records_have_the_tracked_fields(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    benchmark.main(["--arch", "resnet8", "--batch", "1", "8", "--keep", "0.5", "--bench", "skipping", "train",
+                    "--repeats", "1", "--warmup", "0", "--json", str(out)])
+    records = json.loads(out.read_text())["records"]
+    skipping = [r for r in records if r["bench"] == "skipping"]
+    assert {(r["batch"], r["mask_kind"]) for r in skipping} == {(1, "random"), (1, "patterns"), (8, "random"), (8, "patterns")}
+    for r in skipping:
+        for key in ("device", "arch", "batch", "keep_rate", "mask_kind", "flops_ratio", "time_ratio", "efficiency"):
+            assert key in r, key
+        assert r["flops_ratio"] > 1 and r["efficiency"] == pytest.approx(r["time_ratio"] / r["flops_ratio"])
+        assert r["peak_memory_full_mb"] is None or r["peak_memory_full_mb"] > 0
+    # Batch 1 runs a stream of 16 images with their own masks; "patterns" has at most 4 masks.
+    assert next(r for r in skipping if r["batch"] == 1 and r["mask_kind"] == "random")["distinct_masks"] > 4
+    assert next(r for r in skipping if r["batch"] == 1 and r["mask_kind"] == "patterns")["distinct_masks"] <= 4
+    assert any(r["bench"] == "train" and r["ratio"] > 0 for r in records)
+    assert "efficiency" in capsys.readouterr().out
+
+
+def test_bad_arguments_exit_with_a_message(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main(["--keep", "1.5"])
+    assert exit_info.value.code == 2 and "keep rates" in capsys.readouterr().err
