@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,8 +27,9 @@ from tqdm.auto import tqdm
 
 from agents.policies import policy_kwargs
 from backbone.cost import count_flops
-from backbone.errors import ConfigError
+from backbone.errors import CheckpointError, ConfigError
 from backbone.interrupt import Interrupted, deferred_stop, stop_requested
+from backbone.train import NonFiniteLossError
 from envs.block_skip import SkipTask
 from envs.rewards import RewardConfig
 from envs.vec import BlockSkipSeqVecEnv, BlockSkipVecEnv
@@ -68,8 +70,8 @@ class PolicyConfig:
         checks = [
             (self.algo in ALGOS, f"policy.algo must be one of {', '.join(ALGOS)}, got {self.algo!r}"),
             (self.env in ("oneshot", "sequential"), f"policy.env must be oneshot or sequential, got {self.env!r}"),
-            (self.num_envs >= 1 and self.timesteps >= 1 and self.n_steps >= 1 and self.batch_size >= 1,
-             "policy.num_envs, timesteps, n_steps and batch_size must be >= 1"),
+            *[(getattr(self, name) >= 1, f"policy.{name} must be >= 1, got {getattr(self, name)}")
+              for name in ("num_envs", "timesteps", "n_steps", "batch_size")],
             (self.learning_rate > 0, "policy.learning_rate must be > 0"),
             (0 <= self.gamma <= 1 and 0 <= self.gae_lambda <= 1, "policy.gamma and gae_lambda must be in [0, 1]"),
             (self.curriculum_steps >= 1 and self.eval_every >= 1 and self.checkpoint_every >= 1,
@@ -244,11 +246,19 @@ class CurriculumCallback(BaseCallback):
 
 
 def save_atomic(model: BaseAlgorithm, path: Path) -> None:
-    """``model.save`` to a temp file, then rename: an interrupted save never damages ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.zip")
-    model.save(tmp)
-    os.replace(tmp, path)
+    """``model.save`` to a temp file, then rename: an interrupted save or a full disk never
+    damages ``path`` (a failed write is a ``CheckpointError`` and leaves no temp file)."""
+    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp.zip")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        model.save(tmp)
+        os.replace(tmp, path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if not isinstance(err, (OSError, RuntimeError)):  # RuntimeError: torch's zip writer
+            raise
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise CheckpointError(f"policy {path} could not be written ({reason}); any previous file there is unchanged") from err
 
 
 class CheckpointEvalCallback(BaseCallback):
@@ -307,7 +317,11 @@ class ProgressBarCallback(BaseCallback):
         return True
 
     def _on_training_end(self) -> None:
-        self.bar.close()
+        self.close()
+
+    def close(self) -> None:
+        if getattr(self, "bar", None) is not None:
+            self.bar.close()
 
 
 def train_policy(
@@ -339,13 +353,25 @@ def train_policy(
         model.set_logger(configure(str(tb_dir), ["tensorboard"]))
     extra_flops = policy_flops(model, task, cfg.env)
     saver = CheckpointEvalCallback(out_dir, eval_task, cfg, progress, extra_flops)
-    callbacks = [TaskMetricsCallback(task.num_blocks), saver, ProgressBarCallback(cfg.timesteps)]
+    progress_bar = ProgressBarCallback(cfg.timesteps)
+    callbacks = [TaskMetricsCallback(task.num_blocks), saver, progress_bar]
     if cfg.curriculum:
         callbacks.append(CurriculumCallback(task.num_blocks, cfg.curriculum_steps))
     remaining = cfg.timesteps - model.num_timesteps
     if remaining > 0:
-        with deferred_stop():
-            model.learn(remaining, callback=callbacks, reset_num_timesteps=False, log_interval=1)
+        try:
+            with deferred_stop():
+                model.learn(remaining, callback=callbacks, reset_num_timesteps=False, log_interval=1)
+        except ValueError as err:  # torch.distributions refuses NaN logits: the policy diverged
+            if "invalid values" not in str(err):
+                raise
+            kept = f"the last checkpoint ({last}) is kept" if last.exists() else "no checkpoint was written yet"
+            raise NonFiniteLossError(
+                f"non-finite policy outputs at timestep {model.num_timesteps}/{cfg.timesteps}; {kept}. "
+                f"Lower policy.learning_rate."
+            ) from err
+        finally:
+            progress_bar.close()  # before any error line, which would land on the bar's line
         signal_name = stop_requested()
         if signal_name:
             raise Interrupted(

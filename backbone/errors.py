@@ -15,3 +15,7 @@ class DatasetError(DyndepthError):
 
 class CheckpointError(DyndepthError):
     """A checkpoint is missing, corrupt, or does not fit the model."""
+
+
+class OutputError(DyndepthError):
+    """An output file (metrics, report) could not be written; the previous file is unchanged."""

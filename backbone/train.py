@@ -310,6 +310,8 @@ def train(
                 signal_name = stop_requested()
                 overdue = cfg.checkpoint_every_s > 0 and time.monotonic() - last_save > cfg.checkpoint_every_s
                 if last_path is not None and (signal_name or overdue):
+                    if not torch.isfinite(sums["loss_sum"]):  # never save diverged weights over good ones
+                        raise NonFiniteLossError(_diverged(epoch, step, last_path))
                     now = time.perf_counter()
                     sums["time_s"] += now - tic
                     tic = now
@@ -325,10 +327,7 @@ def train(
             seen = sums["seen"]
             train_loss = sums["loss_sum"].item() / seen
             if not math.isfinite(train_loss):
-                raise NonFiniteLossError(
-                    f"non-finite training loss in epoch {epoch + 1} (step {step}); "
-                    f"the last good checkpoint ({last_path}) is kept. Lower the learning rate."
-                )
+                raise NonFiniteLossError(_diverged(epoch, step, last_path))
             record = {
                 "epoch": epoch + 1,
                 "train_loss": train_loss,
@@ -353,6 +352,13 @@ def train(
                 if is_best:
                     save_checkpoint(best_path, model, epoch=epoch + 1, best_accuracy=best_accuracy, history=history)
     return {"history": history, "best_accuracy": best_accuracy, "epochs": cfg.epochs}
+
+
+def _diverged(epoch: int, step: int, last_path: Path | None) -> str:
+    # The loss is summed on the device (no sync per step), so the step is where it was noticed.
+    kept = (f"the last good checkpoint ({last_path}) is kept" if last_path is not None and last_path.exists()
+            else "no checkpoint was written yet")
+    return f"non-finite training loss in epoch {epoch + 1} (noticed at step {step}); {kept}. Lower the learning rate."
 
 
 def _rng_state(device: torch.device) -> dict:

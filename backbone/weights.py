@@ -12,6 +12,7 @@ state dict or one under "state_dict"/"model"; "module." prefixes; a "linear" cla
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import pickle
 import re
@@ -65,9 +66,13 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, **extra: Any) -> 
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        # Serialise in memory first: torch's zip writer hides why a file write failed ("unexpected
+        # pos ..."), a plain write reports it ("No space left on device").
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
         # os.open honours the umask (tempfile would always create 0600 files).
         with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
-            torch.save(payload, f)
+            f.write(buffer.getbuffer())
             f.flush()
             os.fsync(f.fileno())  # the data must be on disk before the rename makes it visible
         os.replace(tmp, path)

@@ -100,6 +100,7 @@ def write_json(path: Path, data: dict) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; results are for sharing
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.replace(tmp, path)
@@ -111,6 +112,12 @@ def write_json(path: Path, data: dict) -> None:
         raise OutputError(
             f"{path} could not be written ({err.strerror or err}); any previous file there is unchanged"
         ) from err
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def update_metrics(run_dir: Path, stage: str, metrics: dict) -> dict:

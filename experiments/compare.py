@@ -116,6 +116,12 @@ def run_compare(cfg: ExperimentConfig, resume: bool = False, splits: Splits | No
     device = resolve_device(cfg.device)
     splits = splits if splits is not None else load_splits(cfg.data)
     backbone = load_backbone(run_dir, device)
+    recorded = len(reference["top_masks"][0]["mask"])
+    if recorded != backbone.num_blocks:  # else the fixed-mask baseline fails after the others have trained
+        raise ConfigError(
+            f"the {reference_stage} results in {metrics_path} are for a backbone with {recorded} blocks but "
+            f"{backbone_path(run_dir)} has {backbone.num_blocks}: rerun train_policy (and finetune) for this backbone"
+        )
     cost = measure_backbone_cost(backbone)
     full = cost.full_flops
     keep_rate = reference["blocks_used"] / backbone.num_blocks

@@ -40,7 +40,7 @@ class ModelConfig:
         try:
             depth = parse_depth(self.arch)
         except ValueError as exc:
-            raise ConfigError(str(exc)) from None
+            raise ConfigError(f"model.arch: {exc}") from None
         if (depth - 2) % 6 or depth < 8:
             raise ConfigError(f"model.arch {self.arch!r}: CIFAR ResNet depth must be 6n+2 (8, 14, 20, 32, 56, 110, ...)")
         if self.shortcut not in SHORTCUTS:
@@ -134,6 +134,11 @@ def _coerce(tp, value, name: str):
     expected = origin or tp
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if expected is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-4 (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     if expected is bool and not isinstance(value, bool):
         raise ConfigError(f"config key '{name}' must be true or false, got {value!r}")
     if expected is int and isinstance(value, bool):

@@ -17,14 +17,14 @@ from pathlib import Path
 
 import torch
 
-from agents.rl import ALGOS, evaluate_policy_on, policy_flops
+from agents.rl import evaluate_policy_on, policy_flops
 from backbone.cost import median_times
 from backbone.data import load_splits
 from backbone.errors import ConfigError
 from backbone.train import resolve_device
 from backbone.weights import load_model
 from envs.block_skip import SkipTask
-from experiments.common import cli, update_metrics
+from experiments.common import cli, load_policy, update_metrics
 from experiments.config import load_config
 from experiments.finetune import finetune_dir
 from experiments.pretrain import backbone_path
@@ -67,7 +67,7 @@ def evaluate_run(run_dir: Path, split: str = "test", tag: str = "policy") -> dic
     device = resolve_device(cfg.device)
     name, backbone_file, policy_file = final_pair_paths(run_dir, tag)
     backbone = load_model(backbone_file, map_location=device).to(device).eval()
-    model = ALGOS[cfg.policy.algo].load(policy_file, device=device)
+    model = load_policy(policy_file, cfg.policy.algo, backbone, cfg.policy.env, backbone_file, device)
     splits = load_splits(cfg.data)
     dataset = getattr(splits, split)
     task = SkipTask(backbone, dataset, cfg.policy.reward, device=device, obs_size=cfg.policy.obs_size)

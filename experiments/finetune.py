@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from agents.joint import joint_finetune
-from agents.rl import ALGOS, evaluate_policy_on, policy_flops, save_atomic
+from agents.rl import evaluate_policy_on, policy_flops, save_atomic
 from backbone.data import Splits, load_splits
 from backbone.errors import ConfigError
 from backbone.train import resolve_device
@@ -25,6 +25,7 @@ from experiments.common import (
     config_from_args,
     experiment_parser,
     finished_stage,
+    load_policy,
     prepare_output_dir,
     tensorboard_writer,
     update_metrics,
@@ -46,13 +47,9 @@ def run_finetune(cfg: ExperimentConfig, tag: str = "policy", resume: bool = Fals
     done = finished_stage(run_dir, STAGE, out_dir / "policy.zip", resume)
     if done is not None:
         return done
-    check_inputs(cfg, tag)
-    if cfg.policy.env != "oneshot":
-        raise ConfigError("joint fine-tuning needs a policy of the oneshot env (policy.env: oneshot)")
     device = resolve_device(cfg.device)
+    backbone, model = load_pair(cfg, tag, device)
     splits = splits if splits is not None else load_splits(cfg.data)
-    backbone = load_backbone(run_dir, device)
-    model = ALGOS[cfg.policy.algo].load(policy_dir(run_dir, tag) / "policy.zip", device=device)
     train_images, eval_images = policy_images(cfg, splits)
     writer = tensorboard_writer(run_dir, STAGE)
     torch.manual_seed(cfg.seed)  # the policy samples masks with torch's global RNG
@@ -98,10 +95,19 @@ def check_inputs(cfg: ExperimentConfig, tag: str) -> None:
             raise ConfigError(f"{path} not found: run `python -m experiments.{stage}` with this config first")
 
 
+def load_pair(cfg: ExperimentConfig, tag: str, device):
+    """The run's backbone and policy ``tag``, checked to fit each other."""
+    check_inputs(cfg, tag)
+    if cfg.policy.env != "oneshot":
+        raise ConfigError("joint fine-tuning needs a policy of the oneshot env (policy.env: oneshot)")
+    backbone = load_backbone(cfg.run_dir, device)
+    policy_file = policy_dir(cfg.run_dir, tag) / "policy.zip"
+    return backbone, load_policy(policy_file, cfg.policy.algo, backbone, "oneshot", backbone_path(cfg.run_dir), device)
+
+
 def main(args) -> None:
     cfg = config_from_args(args)
-    resolve_device(cfg.device)
-    check_inputs(cfg, args.tag)
+    load_pair(cfg, args.tag, resolve_device(cfg.device))  # a bad backbone or policy fails before anything is written
     splits = load_splits(cfg.data)
     prepare_output_dir(finetune_dir(cfg.run_dir), cfg, resume=args.resume, overwrite=args.overwrite)
     run_finetune(cfg, args.tag, resume=args.resume, splits=splits)
