@@ -92,29 +92,44 @@ def run_block_masked(
     keep_rows: torch.Tensor,
     skip_rows: torch.Tensor,
     gate: torch.Tensor | None = None,
+    inplace: bool = False,
 ) -> torch.Tensor:
     """Run ``block`` only on rows ``keep_rows``; rows ``skip_rows`` take the shortcut.
 
     ``keep_rows``/``skip_rows`` are 1-D index tensors on ``x.device`` that partition the batch.
     ``gate`` (optional) holds the differentiable gate values of the kept rows. The result keeps
-    ``x``'s memory format (index_select alone would return channels_last rows as NCHW, and every
-    later convolution would pay for a conversion).
+    ``x``'s memory format. ``inplace``: an identity-shortcut block may write its kept rows into
+    ``x`` itself (saves a full copy; only for an intermediate nobody else needs, without autograd).
     """
     if skip_rows.numel() == 0:
         return block(x, gate)
     if keep_rows.numel() == 0:
         return block.skip(x)
-    layout = memory_format_of(x)
-    kept = block(x.index_select(0, keep_rows).contiguous(memory_format=layout), gate)
+    kept = block(_take_rows(x, keep_rows), gate)
     if not block.downsamples:
-        # Identity shortcut: skipped rows keep their activation. The copy is out of place
-        # (clone, then write), so autograd sees both paths.
-        return x.clone().index_copy_(0, keep_rows, kept)
-    skipped = block.skip(x.index_select(0, skip_rows))
+        # Identity shortcut: skipped rows keep their activation, kept rows are overwritten, in a
+        # copy unless allowed in place (with autograd the previous layer saved x for its backward).
+        return _put_rows(x if inplace else x.clone(), keep_rows, kept)
+    skipped = block.skip(_take_rows(x, skip_rows))
     out = torch.empty((x.shape[0],) + tuple(kept.shape[1:]), dtype=kept.dtype, device=kept.device,
-                      memory_format=layout)
-    out.index_copy_(0, keep_rows, kept)
-    out.index_copy_(0, skip_rows, skipped)
+                      memory_format=memory_format_of(x))
+    return _put_rows(_put_rows(out, keep_rows, kept), skip_rows, skipped)
+
+
+# Row gathers and scatters that keep the layout: on a channels_last tensor they work on its NHWC
+# view, which is contiguous, so each is one plain copy (index_select on the NCHW view would
+# return NCHW rows, and converting them back would cost two transposes per block).
+def _take_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    if memory_format_of(x) == torch.channels_last:
+        return x.permute(0, 2, 3, 1).index_select(0, rows).permute(0, 3, 1, 2)
+    return x.index_select(0, rows)
+
+
+def _put_rows(out: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    if memory_format_of(out) == torch.channels_last:
+        out.permute(0, 2, 3, 1).index_copy_(0, rows, values.permute(0, 2, 3, 1))
+    else:
+        out.index_copy_(0, rows, values)
     return out
 
 
@@ -248,7 +263,9 @@ class CifarResNet(nn.Module):
                 keep_rows = column.nonzero().squeeze(1).to(device, non_blocking=True)
                 skip_rows = (~column).nonzero().squeeze(1).to(device, non_blocking=True)
                 gate = keep_mask[keep_rows, i] if with_gate else None
-                x = run_block_masked(block, x, keep_rows, skip_rows, gate)
+                # x is this forward's own intermediate: without autograd it may be overwritten.
+                inplace = not (torch.is_grad_enabled() and x.requires_grad)
+                x = run_block_masked(block, x, keep_rows, skip_rows, gate, inplace)
         return self.head(x)
 
 

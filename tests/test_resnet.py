@@ -180,3 +180,23 @@ def test_channels_last_and_nchw_models_agree():
     fast = model(x, mask)
     nchw = model.to(memory_format=torch.contiguous_format)(x, mask)
     torch.testing.assert_close(fast, nchw, rtol=1e-4, atol=1e-4)
+
+
+def test_inference_writes_in_place_but_never_into_the_callers_tensor():
+    from backbone.resnet import run_block_masked
+
+    model = _random_bn(build_resnet(14, width=4)).eval()
+    x = torch.rand(6, 3, 32, 32)
+    mask = torch.rand(6, model.num_blocks) < 0.5
+    mask[0], mask[1] = True, False  # every block has kept and skipped rows
+    before = x.clone()
+    with torch.no_grad():
+        fast = model(x, mask)
+    torch.testing.assert_close(fast, model(x, mask))  # same with autograd (copying) path
+    assert torch.equal(x, before)
+    h = model.stem(x).detach()
+    copy = h.clone()
+    rows = torch.tensor([0, 2, 4]), torch.tensor([1, 3, 5])
+    with torch.no_grad():
+        run_block_masked(model.blocks[1], h, *rows)  # default: not in place
+    assert torch.equal(h, copy)
