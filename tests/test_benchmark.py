@@ -30,3 +30,11 @@ def test_bad_arguments_exit_with_a_message(capsys):
     with pytest.raises(SystemExit) as exit_info:
         benchmark.main(["--keep", "1.5"])
     assert exit_info.value.code == 2 and "keep rates" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_gpu_check_says_clearly_when_there_is_no_gpu(tmp_path, capsys):
+    from experiments import gpu_check
+
+    assert gpu_check.main(["--out", str(tmp_path / "gpu")]) == 2
+    assert "no CUDA device" in capsys.readouterr().err and not (tmp_path / "gpu").exists()
