@@ -54,7 +54,7 @@ def tiny_pretrain(out: Path) -> dict:
     from experiments.config import load_config
     from experiments.pretrain import run_pretrain
 
-    cfg = load_config("quickstart", [f"output_dir={out}", "name=gpu_pretrain", "device=cuda", "pretrain.epochs=3"])
+    cfg = load_config("quickstart", [f"output_dir={out}", "name=gpu_pretrain", "device=cuda", "pretrain.epochs=3", "pretrain.warmup_epochs=0"])
     tic = time.perf_counter()
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     metrics = run_pretrain(cfg, cfg.run_dir, resume=True)
