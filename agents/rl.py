@@ -262,8 +262,12 @@ def save_atomic(model: BaseAlgorithm, path: Path) -> None:
 
 
 class CheckpointEvalCallback(BaseCallback):
-    """Every ``eval_every`` steps: evaluate the deterministic policy on held-out images; every
-    ``checkpoint_every`` steps: save ``last.zip`` (+ ``progress.json``: history and time spent)."""
+    """Every ``eval_every`` steps: evaluate the deterministic policy on held-out images. Every
+    ``checkpoint_every`` steps, and when SIGINT/SIGTERM asks to stop, save a checkpoint at the
+    next rollout boundary (after the update, before new experience): ``last.zip`` (weights,
+    optimiser, timestep count, the current observations), ``state.pt`` (the envs' position and
+    the RNG states) and ``progress.json`` (history, time spent). Resuming from there continues
+    exactly as the uninterrupted run would have."""
 
     def __init__(self, out_dir: Path, eval_task: SkipTask | None, cfg: PolicyConfig, progress: dict, extra_flops: float):
         super().__init__()
@@ -271,24 +275,29 @@ class CheckpointEvalCallback(BaseCallback):
         self.extra_flops = extra_flops
         self._tic = time.perf_counter()
         self._next_eval = self._next_ckpt = 0
+        self.stopped = False  # saved on a stop request; learn() ends at the next step
 
     def _on_training_start(self) -> None:
         self._next_eval = (self.num_timesteps // self.cfg.eval_every + 1) * self.cfg.eval_every
         self._next_ckpt = (self.num_timesteps // self.cfg.checkpoint_every + 1) * self.cfg.checkpoint_every
 
+    def _on_rollout_start(self) -> None:
+        due = self.num_timesteps >= self._next_ckpt
+        if due:
+            self._next_ckpt = (self.num_timesteps // self.cfg.checkpoint_every + 1) * self.cfg.checkpoint_every
+        if due or stop_requested():
+            self.save()
+            self.stopped = stop_requested() is not None
+
     def _on_step(self) -> bool:
+        if self.stopped:
+            return False  # the step just taken is discarded: the checkpoint is from before it
         if self.eval_task is not None and self.num_timesteps >= self._next_eval:
             self._next_eval += self.cfg.eval_every
             m = evaluate_policy_on(self.model, self.eval_task, self.cfg.env, extra_flops=self.extra_flops)
             for key in ("accuracy", "blocks_used", "flops_ratio", "reward"):
                 self.logger.record(f"eval/{key}", m[key])
             self.progress["eval_history"].append({"timesteps": self.num_timesteps, **{k: m[k] for k in ("accuracy", "blocks_used", "flops_ratio", "reward")}})
-        if self.num_timesteps >= self._next_ckpt:
-            self._next_ckpt += self.cfg.checkpoint_every
-            self.save()
-        if stop_requested():  # SIGINT/SIGTERM: save now and end learn(); train_policy raises
-            self.save()
-            return False
         return True
 
     def save(self) -> None:
@@ -296,10 +305,53 @@ class CheckpointEvalCallback(BaseCallback):
         self.progress["train_time_s"] += now - self._tic
         self._tic = now
         self.progress["timesteps"] = self.num_timesteps
+        # state.pt first: it names its timestep, so a kill between the files is detected on load.
+        save_training_state(self.out_dir / "state.pt", self.model)
         save_atomic(self.model, self.out_dir / "last.zip")
         tmp = self.out_dir / ".progress.json.tmp"
         tmp.write_text(json.dumps(self.progress, indent=2))
         os.replace(tmp, self.out_dir / "progress.json")
+
+
+def save_training_state(path: Path, model: BaseAlgorithm) -> None:
+    """What SB3's zip leaves out but an exact resume needs: the envs' position and the RNGs
+    (torch samples the actions, NumPy shuffles the PPO minibatches)."""
+    keys, pos, has_gauss, cached = np.random.get_state()[1:]
+    state = {
+        "timesteps": model.num_timesteps,
+        "env": model.get_env().unwrapped.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "numpy_rng": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached": float(cached)},
+    }
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if not isinstance(err, (OSError, RuntimeError)):
+            raise
+        raise CheckpointError(f"{path} could not be written ({err}); any previous file there is unchanged") from err
+
+
+def restore_training_state(path: Path, model: BaseAlgorithm) -> bool:
+    """Put the envs and RNGs back as :func:`save_training_state` found them; False (and the envs
+    start afresh) when the file is missing or belongs to another timestep than the model."""
+    if not path.exists():
+        return False
+    state = torch.load(path, weights_only=True)
+    if state.get("timesteps") != model.num_timesteps:
+        return False
+    model.get_env().unwrapped.set_state(state["env"])
+    torch.set_rng_state(state["torch_rng"])
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    rng = state["numpy_rng"]
+    np.random.set_state(("MT19937", rng["keys"].numpy().astype(np.uint32), rng["pos"], rng["has_gauss"], rng["cached"]))
+    return True
 
 
 class ProgressBarCallback(BaseCallback):
@@ -344,7 +396,9 @@ def train_policy(
     last = out_dir / "last.zip"
     progress = {"train_time_s": 0.0, "timesteps": 0, "eval_history": []}
     if resume and last.exists():
-        model = ALGOS[cfg.algo].load(last, env=env, device=task.device)
+        # force_reset=False keeps the observations saved in the zip; they are only valid with the
+        # envs' saved position, so without it the envs start afresh (a valid, not exact, resume).
+        model = ALGOS[cfg.algo].load(last, env=env, device=task.device, force_reset=False)
         if (out_dir / "progress.json").exists():
             progress = json.loads((out_dir / "progress.json").read_text())
     else:
@@ -352,6 +406,12 @@ def train_policy(
     if tb_dir is not None:
         model.set_logger(configure(str(tb_dir), ["tensorboard"]))
     extra_flops = policy_flops(model, task, cfg.env)
+    if resume and last.exists():  # after policy_flops: nothing may draw from the restored RNGs
+        if restore_training_state(out_dir / "state.pt", model):
+            print(f"policy: resuming exactly at timestep {model.num_timesteps}")
+        else:
+            model._last_obs = None  # SB3's learn() then resets the envs
+            print(f"policy: resuming at timestep {model.num_timesteps} with fresh episodes (no matching state.pt)")
     saver = CheckpointEvalCallback(out_dir, eval_task, cfg, progress, extra_flops)
     progress_bar = ProgressBarCallback(cfg.timesteps)
     callbacks = [TaskMetricsCallback(task.num_blocks), saver, progress_bar]
@@ -372,10 +432,9 @@ def train_policy(
             ) from err
         finally:
             progress_bar.close()  # before any error line, which would land on the bar's line
-        signal_name = stop_requested()
-        if signal_name:
+        if saver.stopped:
             raise Interrupted(
-                f"{signal_name}: stopped at timestep {model.num_timesteps}/{cfg.timesteps}; "
+                f"{stop_requested()}: stopped at timestep {saver.progress['timesteps']}/{cfg.timesteps}; "
                 f"saved {last}: rerun with --resume"
             )
         saver.save()

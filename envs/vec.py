@@ -44,6 +44,16 @@ class _TaskVecEnv(VecEnv):
         self._actions: np.ndarray | None = None
         super().__init__(num_envs, observation_space, action_space)
 
+    def get_state(self) -> dict:
+        """Where the episodes stand (image generators, current images, progress), as tensors and
+        plain data: with :meth:`set_state` a resumed training run continues exactly."""
+        return {"rngs": [rng.bit_generator.state for rng in self._rngs], "index": torch.from_numpy(self._index.copy())}
+
+    def set_state(self, state: dict) -> None:
+        for rng, rng_state in zip(self._rngs, state["rngs"], strict=True):
+            rng.bit_generator.state = rng_state
+        self._index = state["index"].numpy().copy()
+
     def _reset_indices(self) -> None:
         """Explicit reset: apply pending seeds/options (once, as DummyVecEnv does), pick images."""
         for i in range(self.num_envs):
@@ -127,6 +137,13 @@ class BlockSkipVecEnv(_TaskVecEnv):
     def _observe(self) -> np.ndarray:
         return self.task.observation(self._index_tensor()).cpu().numpy()
 
+    def get_state(self) -> dict:
+        return {**super().get_state(), "obs": torch.from_numpy(self._obs.copy()), "started": self._started}
+
+    def set_state(self, state: dict) -> None:
+        super().set_state(state)
+        self._obs, self._started = state["obs"].numpy().copy(), state["started"]
+
     def reset(self) -> VecEnvObs:
         self._reset_indices()
         self._started = True
@@ -164,6 +181,19 @@ class BlockSkipSeqVecEnv(_TaskVecEnv):
         self._h: torch.Tensor | None = None
         self._mask: torch.Tensor | None = None
         self._idx: torch.Tensor | None = None
+
+    def get_state(self) -> dict:
+        state = {**super().get_state(), "block": self._block}
+        if self._h is not None:  # mid-episode: the activations reached so far and the decisions
+            state.update(h=self._h.cpu(), mask=self._mask.cpu(), idx=self._idx.cpu())
+        return state
+
+    def set_state(self, state: dict) -> None:
+        super().set_state(state)
+        self._block = state["block"]
+        if "h" in state:
+            device = self.task.device
+            self._h, self._mask, self._idx = (state[k].to(device) for k in ("h", "mask", "idx"))
 
     def _start(self) -> np.ndarray:
         """Begin the episodes of the images in ``self._index``; returns their first observation."""

@@ -108,29 +108,42 @@ def test_resume_continues_to_the_total_timesteps(tmp_path):
     assert progress["train_time_s"] > first["train_time_s"]
 
 
-def test_stop_request_saves_the_model_and_resume_finishes(tmp_path, monkeypatch):
+@pytest.mark.parametrize("env", ["oneshot", "sequential"])
+def test_stop_request_saves_and_resume_is_exact(tmp_path, monkeypatch, env):
     task = toy_task(n=64)
-    cfg = small_cfg(timesteps=1024, checkpoint_every=10_000)  # only the stop itself saves
+    cfg = small_cfg(env=env, timesteps=1024, checkpoint_every=10_000)  # 4 rollouts; only the stop saves
+    straight, _ = train_policy(cfg, task, tmp_path / "a", seed=2)
+
     calls = []
     on_step = TaskMetricsCallback._on_step
 
-    def ctrl_c_at_the_6th_step(self):
+    def ctrl_c_at_the_6th_step(self):  # in the 2nd rollout of 4 steps
         calls.append(1)
-        if len(calls) == 6:  # 16 vec-env steps in all
+        if len(calls) == 6:
             request_stop("SIGINT")
         return on_step(self)
 
     monkeypatch.setattr(TaskMetricsCallback, "_on_step", ctrl_c_at_the_6th_step)
     try:
-        with pytest.raises(Interrupted, match="SIGINT: stopped at timestep .*/1024"):
-            train_policy(cfg, task, tmp_path, seed=2)
+        with pytest.raises(Interrupted, match="SIGINT: stopped at timestep 512/1024"):
+            train_policy(cfg, task, tmp_path / "b", seed=2)
     finally:
         clear_stop()
-    saved = json.loads((tmp_path / "progress.json").read_text())["timesteps"]
-    assert 0 < saved < 1024 and (tmp_path / "last.zip").exists()
+    assert json.loads((tmp_path / "b" / "progress.json").read_text())["timesteps"] == 512
     monkeypatch.setattr(TaskMetricsCallback, "_on_step", on_step)
-    model, progress = train_policy(cfg, task, tmp_path, seed=2, resume=True)
-    assert model.num_timesteps >= 1024 and progress["timesteps"] == model.num_timesteps
+    torch.manual_seed(123), np.random.seed(123)  # the checkpoint must restore the RNGs
+    resumed, progress = train_policy(cfg, task, tmp_path / "b", seed=2, resume=True)
+    assert resumed.num_timesteps == 1024 and progress["timesteps"] == 1024
+    for (name, a), b in zip(straight.policy.state_dict().items(), resumed.policy.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_resume_without_matching_state_starts_fresh_episodes(tmp_path):
+    task = toy_task(n=64)
+    train_policy(small_cfg(timesteps=512, checkpoint_every=256), task, tmp_path, seed=2)
+    (tmp_path / "state.pt").unlink()  # e.g. a checkpoint from an older version
+    model, progress = train_policy(small_cfg(timesteps=768, checkpoint_every=256), task, tmp_path, seed=2, resume=True)
+    assert model.num_timesteps == 768 and progress["timesteps"] == 768
 
 
 def test_evaluation_matches_the_task_and_counts_the_policy(tmp_path):
