@@ -2,7 +2,8 @@
 
 The long loops (``backbone.train.train``, the SB3 callbacks of ``agents.rl``) run inside
 :func:`deferred_stop`: a signal there only sets a flag, which the loop checks after each step; it
-then saves a checkpoint and raises :class:`Interrupted`. Outside such a loop (loading data,
+then saves a checkpoint and raises :class:`Interrupted` (PPO waits for the end of its rollout, where
+its state is complete). Outside such a loop (loading data,
 evaluating) a signal raises ``KeyboardInterrupt`` at once, which loses nothing: every file is
 written atomically, and a stage that did not finish is redone on ``--resume``. A second signal
 always stops at once.
@@ -32,7 +33,7 @@ def _handle(signum: int, frame) -> None:
     name = signal.Signals(signum).name
     if _deferring and _requested is None:
         _requested = name
-        print(f"\n{name}: stopping after this step and saving a checkpoint (send it again to stop at once)",
+        print(f"\n{name}: stopping at the next safe point, after a checkpoint (send it again to stop at once)",
               file=sys.stderr, flush=True)
         return
     raise KeyboardInterrupt(f"{name} received")
