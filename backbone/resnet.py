@@ -13,7 +13,7 @@ Module names follow the published CIFAR-ResNet layout (``conv1``, ``bn1``, ``lay
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -93,6 +93,7 @@ def run_block_masked(
     skip_rows: torch.Tensor,
     gate: torch.Tensor | None = None,
     inplace: bool = False,
+    call: Callable[..., torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Run ``block`` only on rows ``keep_rows``; rows ``skip_rows`` take the shortcut.
 
@@ -100,12 +101,14 @@ def run_block_masked(
     ``gate`` (optional) holds the differentiable gate values of the kept rows. The result keeps
     ``x``'s memory format. ``inplace``: an identity-shortcut block may write its kept rows into
     ``x`` itself (saves a full copy; only for an intermediate nobody else needs, without autograd).
+    ``call(block, x, gate)`` runs the block (default: eagerly; see ``CifarResNet.compile_blocks``).
     """
+    call = call or call_block
     if skip_rows.numel() == 0:
-        return block(x, gate)
+        return call(block, x, gate)
     if keep_rows.numel() == 0:
         return block.skip(x)
-    kept = block(_take_rows(x, keep_rows), gate)
+    kept = call(block, _take_rows(x, keep_rows), gate)
     if not block.downsamples:
         # Identity shortcut: skipped rows keep their activation, kept rows are overwritten, in a
         # copy unless allowed in place (with autograd the previous layer saved x for its backward).
@@ -131,6 +134,11 @@ def _put_rows(out: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> to
     else:
         out.index_copy_(0, rows, values)
     return out
+
+
+def call_block(block: BasicBlock, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+    """``block(x, gate)``: the unit that ``CifarResNet.compile_blocks`` compiles."""
+    return block(x, gate)
 
 
 def memory_format_of(x: torch.Tensor) -> torch.memory_format:
@@ -189,6 +197,7 @@ class CifarResNet(nn.Module):
         # A plain tuple, not a ModuleList: the blocks are already registered under layer{1,2,3},
         # and a second registration would duplicate every key in the state dict.
         self._blocks = tuple(self.layer1) + tuple(self.layer2) + tuple(self.layer3)
+        self._call_block = call_block
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -206,6 +215,24 @@ class CifarResNet(nn.Module):
         # experiments.benchmark) and on GPUs; activations follow the weights' layout (see stem).
         # model.to(memory_format=torch.contiguous_format) switches back.
         self.to(memory_format=torch.channels_last)
+
+    def compile_blocks(self, enabled: bool = True, **compile_kwargs) -> CifarResNet:
+        """Run every block through ``torch.compile`` (``enabled=False``: eagerly again); returns self.
+
+        Blocks, not the whole forward, are compiled because a masked forward sends a different
+        number of rows through each block. With ``dynamic=True`` one graph per stage and block
+        kind serves every row count, so varying masks need neither recompiles nor bucketing.
+        Batch 1 and the two layouts a one-row tensor can have add specialised graphs, up to ~20
+        in all, independent of depth; dynamo's default limit (8) would send the rest back to
+        eager, hence the raised limit. ``compile_kwargs`` go to ``torch.compile`` (e.g. ``mode``).
+        """
+        if not enabled:
+            self._call_block = call_block
+            return self
+        dynamo_config = torch._dynamo.config
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
+        self._call_block = torch.compile(call_block, **{"dynamic": True, **compile_kwargs})
+        return self
 
     @property
     def blocks(self) -> tuple[BasicBlock, ...]:
@@ -244,9 +271,10 @@ class CifarResNet(nn.Module):
         gradient flows; skipped rows have no residual and get no gradient.
         """
         x = self.stem(x)
+        call = self._call_block
         if keep_mask is None:
             for block in self._blocks:
-                x = block(x)
+                x = call(block, x)
             return self.head(x)
         keep_cpu = check_keep_mask(keep_mask, x.shape[0], self.num_blocks)
         with_gate = keep_mask.is_floating_point() and keep_mask.requires_grad
@@ -262,7 +290,7 @@ class CifarResNet(nn.Module):
                 if block.downsamples:  # an identity shortcut needs no call at all
                     x = block.skip(x)
             elif kept_by_all[i]:
-                x = block(x, keep_mask[:, i] if with_gate else None)
+                x = call(block, x, keep_mask[:, i] if with_gate else None)
             else:
                 column = keep_cpu[:, i]
                 keep_rows = column.nonzero().squeeze(1).to(device, non_blocking=True)
@@ -270,7 +298,7 @@ class CifarResNet(nn.Module):
                 gate = keep_mask[keep_rows, i] if with_gate else None
                 # x is this forward's own intermediate: without autograd it may be overwritten.
                 inplace = not (torch.is_grad_enabled() and x.requires_grad)
-                x = run_block_masked(block, x, keep_rows, skip_rows, gate, inplace)
+                x = run_block_masked(block, x, keep_rows, skip_rows, gate, inplace, call)
         return self.head(x)
 
 

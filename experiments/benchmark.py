@@ -55,8 +55,8 @@ IMAGES_PER_CALL = 16
 
 
 def bench_skipping(arch: str, batch: int, keep_rates, mask_kinds, device, warmup: int, repeats: int, seed: int = 0,
-                   amp: bool = False):
-    model = build_resnet(arch, num_classes=100).to(device).eval()
+                   amp: bool = False, compile_blocks: bool = False):
+    model = build_resnet(arch, num_classes=100).to(device).eval().compile_blocks(compile_blocks)
     cost = measure_backbone_cost(model)
     gen = torch.Generator().manual_seed(seed)
     x = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, generator=gen).to(device)
@@ -84,6 +84,7 @@ def bench_skipping(arch: str, batch: int, keep_rates, mask_kinds, device, warmup
             "keep_rate": keep_rate,
             "mask_kind": kind,
             "dtype": "bf16" if amp else "fp32",
+            "compiled": compile_blocks,
             "blocks_kept": mask.float().mean().item(),
             "distinct_masks": len(torch.unique(mask, dim=0)),
             "time_full_ms": times["full"] * 1e3 / calls,
@@ -224,6 +225,7 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="ResNet-56 only, fewer repeats")
     parser.add_argument("--amp", action="store_true", help="skipping cases under bf16 autocast (CUDA)")
+    parser.add_argument("--compile", action="store_true", help="skipping cases with torch.compile'd blocks (compile_blocks)")
     parser.add_argument("--json", type=Path, default=None, help="write the records to this file")
     parser.add_argument("--bench", nargs="+", default=["skipping", "env", "train"], choices=["skipping", "env", "train"],
                         help="skipping: masked vs full forward; env: VecEnv throughput; train: data path vs tensors on the device")
@@ -242,7 +244,7 @@ def main(argv=None) -> None:
             for batch in batches:
                 repeats = args.repeats or (20 if batch == 1 else 5) // (2 if args.quick else 1)
                 records += bench_skipping(arch, batch, args.keep, args.masks, device, args.warmup, max(repeats, 3),
-                                          amp=args.amp)
+                                          amp=args.amp, compile_blocks=args.compile)
                 print(f"done: {arch} batch {batch}", flush=True)
         print_table(records)
     if "env" in args.bench:

@@ -7,7 +7,7 @@ with one summary (also written to ``DIR/gpu_check.json``) to paste into ``docs/r
    the device-side data path against the CPU one;
 2. a tiny pretraining run of the quickstart preset on CUDA (bf16, channels_last), with --resume;
 3. ``experiments.benchmark --quick`` on CUDA (skipping at batch 1/256/1024, VecEnv, training),
-   in fp32 and with bf16 autocast.
+   in fp32, with bf16 autocast, and with bf16 plus compiled blocks (skipping only).
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     summary["masked_forward"] = check_masked_forward(device)
     summary["data_path_matches_cpu"] = check_data_path(device)
     summary["tiny_pretrain"] = tiny_pretrain(args.out)
-    for name, extra in (("fp32", []), ("bf16", ["--amp"])):
+    for name, extra in (("fp32", []), ("bf16", ["--amp"]), ("bf16_compiled", ["--amp", "--compile", "--bench", "skipping"])):
         path = args.out / f"benchmark_{name}.json"
         benchmark(["--device", "cuda", "--quick", "--json", str(path), *extra])
         summary[f"benchmark_{name}"] = json.loads(path.read_text())["records"]
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     print(f"masked forward vs CPU: {summary['masked_forward']}")
     print(f"device data path equals CPU: {summary['data_path_matches_cpu']}")
     print(f"tiny pretrain: {summary['tiny_pretrain']}")
-    for name in ("fp32", "bf16"):
+    for name in ("fp32", "bf16", "bf16_compiled"):
         for r in summary[f"benchmark_{name}"]:
             if r["bench"] == "skipping":
                 print(f"{name} {r['arch']} batch {r['batch']:>5} {r['mask_kind']:>8} keep {r['keep_rate']:.2f}: "
