@@ -120,9 +120,14 @@ def policy_flops(model: BaseAlgorithm, task: SkipTask, env_kind: str) -> int:
     return flops * (task.num_blocks if env_kind == "sequential" else 1)
 
 
-def _policy_masks(model: BaseAlgorithm, observations: torch.Tensor) -> torch.Tensor:
-    actions, _ = model.predict(observations.cpu().numpy(), deterministic=True)
-    return torch.as_tensor(actions, device=observations.device).reshape(observations.shape[0], -1).bool()
+def policy_keep_masks(model: BaseAlgorithm, observations: torch.Tensor) -> torch.Tensor:
+    """The one-shot policy's deterministic keep masks for a batch of observations, computed as
+    a deployed model would: the policy network on the device, no NumPy round trip (what SB3's
+    ``predict`` adds). Same masks as ``model.predict(..., deterministic=True)``."""
+    model.policy.set_training_mode(False)
+    with torch.no_grad():
+        actions = model.policy.get_distribution(observations.float()).get_actions(deterministic=True)
+    return actions.reshape(observations.shape[0], -1).bool()
 
 
 @torch.no_grad()
@@ -137,12 +142,12 @@ def evaluate_policy_on(
     for start in range(0, task.num_images, batch_size):
         idx = torch.arange(start, min(start + batch_size, task.num_images), device=task.device)
         if env_kind == "oneshot":
-            out = task.play(idx, _policy_masks(model, task.observation(idx)))
+            out = task.play(idx, policy_keep_masks(model, task.observation(idx)))
         else:
             h, used = task.seq_start(idx), torch.zeros(len(idx), dtype=torch.long, device=task.device)
             keep = torch.zeros(len(idx), task.num_blocks, dtype=torch.bool, device=task.device)
             for i in range(task.num_blocks):
-                run = task.seq_effective_run(_policy_masks(model, task.seq_observation(h, i, used))[:, 0], i)
+                run = task.seq_effective_run(policy_keep_masks(model, task.seq_observation(h, i, used))[:, 0], i)
                 h, used, keep[:, i] = task.seq_block(h, i, run), used + run.long(), run
             out = task.seq_finish(h, idx, used, keep)
         for key in results:

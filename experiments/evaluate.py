@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from agents.rl import evaluate_policy_on, policy_flops
+from agents.rl import evaluate_policy_on, policy_flops, policy_keep_masks
 from backbone.cost import median_times
 from backbone.data import load_splits
 from backbone.errors import ConfigError
@@ -42,15 +42,18 @@ def final_pair_paths(run_dir: Path, tag: str = "policy") -> tuple[str, Path, Pat
 
 
 def measure_latency(task: SkipTask, model, batch_sizes, repeats: int) -> list[dict]:
-    """Wall-clock per batch of the full backbone and of policy + masked backbone, same images."""
+    """Wall-clock per batch of the full backbone and of policy + masked backbone, same images.
+
+    The policy runs as the torch module it is, on the device (``agents.rl.policy_keep_masks``),
+    not through SB3's ``predict``, whose NumPy round trip is an API convenience, not model cost.
+    """
     device, backbone, rows = task.device, task.backbone, []
     for batch in batch_sizes:
         idx = torch.arange(min(batch, task.num_images), device=device)
         images, obs = task.dataset.images[idx.cpu()].to(device), task.observation(idx)
 
         def dynamic() -> None:
-            actions, _ = model.predict(obs.cpu().numpy(), deterministic=True)
-            backbone(images, torch.as_tensor(actions, device=device).reshape(len(idx), -1).bool())
+            backbone(images, policy_keep_masks(model, obs))
 
         with torch.inference_mode():
             times = median_times({"full": lambda: backbone(images), "dynamic": dynamic}, device, warmup=2, repeats=repeats)

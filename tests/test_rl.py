@@ -196,3 +196,18 @@ def test_curriculum_forces_early_blocks_on(tmp_path):
 def test_bad_policy_config(bad, match):
     with pytest.raises(ConfigError, match=match):
         PolicyConfig(**bad)
+
+
+@pytest.mark.parametrize("env", ["oneshot", "sequential"])
+def test_device_side_masks_equal_sb3_predict(tmp_path, env):
+    from agents.rl import policy_keep_masks
+
+    task = toy_task(n=64)
+    model, _ = train_policy(small_cfg(env=env, timesteps=256), task, tmp_path, seed=4)
+    if env == "oneshot":
+        obs = task.observation(torch.arange(64))
+    else:
+        obs = task.seq_observation(task.seq_start(torch.arange(64)), 0, torch.zeros(64, dtype=torch.long))
+    expected, _ = model.predict(obs.cpu().numpy(), deterministic=True)
+    got = policy_keep_masks(model, obs)
+    np.testing.assert_array_equal(got.reshape(expected.shape).numpy(), expected.astype(bool))
