@@ -15,7 +15,8 @@ trained policy tends to produce). Batches smaller than 16 run as a stream of cal
 own masks, so batch 1 measures the mask kind rather than one draw. Peak memory: see
 ``backbone.cost.peak_memory_mb`` (CPU: the process's peak resident memory during the call).
 
-``--bench env`` measures the batched VecEnv's env-steps/s against the masked backbone alone and
+``--bench layout`` times the default channels_last layout against NCHW (forward and a training
+step). ``--bench env`` measures the batched VecEnv's env-steps/s against the masked backbone alone and
 against SB3's ``DummyVecEnv`` of single environments (see ``bench_env``).
 """
 
@@ -191,6 +192,29 @@ def bench_train(arch: str, batch: int, device, steps: int, seed: int = 0) -> dic
     }
 
 
+def bench_layout(arch: str, batches, device, warmup: int, repeats: int, train_batch: int = 128) -> list[dict]:
+    """The default channels_last layout against NCHW, same weights, one process: forward at each
+    batch size and one training step (why the models are channels_last by default)."""
+    import copy
+
+    records = []
+    nhwc = build_resnet(arch, num_classes=100).to(device)
+    nchw = copy.deepcopy(nhwc).to(memory_format=torch.contiguous_format)
+    for batch in batches:
+        x = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8).to(device)
+        with torch.inference_mode():
+            nhwc.eval(), nchw.eval()
+            times = median_times({"nchw": lambda: nchw(x), "nhwc": lambda: nhwc(x)}, device, warmup, repeats)
+        records.append({"case": f"forward batch {batch}", **times})
+    x = torch.randint(0, 256, (train_batch, 3, 32, 32), dtype=torch.uint8).to(device)
+    y = torch.randint(0, 100, (train_batch,)).to(device)
+    nhwc.train(), nchw.train()
+    steps = {k: (lambda m=m: torch.nn.functional.cross_entropy(m(x), y).backward()) for k, m in (("nchw", nchw), ("nhwc", nhwc))}
+    records.append({"case": f"training step batch {train_batch}", **median_times(steps, device, 1, 3)})
+    return [{"bench": "layout", "device": device_name(device), "arch": arch, "case": r["case"],
+             "nchw_ms": r["nchw"] * 1e3, "nhwc_ms": r["nhwc"] * 1e3, "speedup": r["nchw"] / r["nhwc"]} for r in records]
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -227,8 +251,10 @@ def main(argv=None) -> None:
     parser.add_argument("--amp", action="store_true", help="skipping cases under bf16 autocast (CUDA)")
     parser.add_argument("--compile", action="store_true", help="skipping cases with torch.compile'd blocks (compile_blocks)")
     parser.add_argument("--json", type=Path, default=None, help="write the records to this file")
-    parser.add_argument("--bench", nargs="+", default=["skipping", "env", "train"], choices=["skipping", "env", "train"],
-                        help="skipping: masked vs full forward; env: VecEnv throughput; train: data path vs tensors on the device")
+    parser.add_argument("--bench", nargs="+", default=["skipping", "env", "train", "layout"],
+                        choices=["skipping", "env", "train", "layout"],
+                        help="skipping: masked vs full forward; env: VecEnv throughput; train: data path vs tensors "
+                             "on the device; layout: channels_last vs NCHW")
     args = parser.parse_args(argv)
     try:
         device = resolve_device(args.device)
@@ -258,6 +284,12 @@ def main(argv=None) -> None:
               f"{r['on_device_img_per_s']:.0f} img/s on prepared tensors: ratio {r['ratio']:.2f}; peak memory "
               f"{_mib(r['peak_memory_data_path_mb'])} / {_mib(r['peak_memory_on_device_mb'])} MiB")
         records.append(r)
+    if "layout" in args.bench:
+        print()
+        for r in bench_layout(archs[0], batches, device, args.warmup, args.repeats or 5):
+            print(f"layout {r['arch']} {r['case']}: NCHW {r['nchw_ms']:.2f} ms, channels_last {r['nhwc_ms']:.2f} ms, "
+                  f"speed-up {r['speedup']:.2f}x")
+            records.append(r)
     if args.json:
         write_json(args.json, {"records": records, "torch": torch.__version__})
         print(f"wrote {args.json}")

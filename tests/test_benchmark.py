@@ -9,7 +9,7 @@ from experiments import benchmark
 
 def test_records_have_the_tracked_fields(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    benchmark.main(["--arch", "resnet8", "--batch", "1", "8", "--keep", "0.5", "--bench", "skipping", "train",
+    benchmark.main(["--arch", "resnet8", "--batch", "1", "8", "--keep", "0.5", "--bench", "skipping", "train", "layout",
                     "--repeats", "1", "--warmup", "0", "--json", str(out)])
     records = json.loads(out.read_text())["records"]
     skipping = [r for r in records if r["bench"] == "skipping"]
@@ -23,6 +23,9 @@ def test_records_have_the_tracked_fields(tmp_path, capsys):
     assert next(r for r in skipping if r["batch"] == 1 and r["mask_kind"] == "random")["distinct_masks"] > 4
     assert next(r for r in skipping if r["batch"] == 1 and r["mask_kind"] == "patterns")["distinct_masks"] <= 4
     assert any(r["bench"] == "train" and r["ratio"] > 0 for r in records)
+    layout = [r for r in records if r["bench"] == "layout"]
+    assert [r["case"] for r in layout] == ["forward batch 1", "forward batch 8", "training step batch 128"]
+    assert all(r["speedup"] > 0 for r in layout)
     assert "efficiency" in capsys.readouterr().out
 
 
