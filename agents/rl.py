@@ -1,33 +1,34 @@
 """Train block-skipping policies with stable-baselines3 on the batched environments.
 
 ``train_policy`` builds (or resumes) an SB3 PPO/A2C model on a ``BlockSkipVecEnv`` (one-shot) or
-``BlockSkipSeqVecEnv`` (sequential), and trains it with callbacks that log the task metrics to
-TensorBoard (``charts/accuracy``, ``charts/blocks_used``, ``charts/flops_ratio``,
-``charts/reward``, per-block keep rates), run BlockDrop's curriculum, evaluate the deterministic
-policy on held-out images and write resumable checkpoints.
+``BlockSkipSeqVecEnv`` (sequential), and trains it with the callbacks of ``agents.callbacks``:
+task metrics in TensorBoard (``charts/accuracy``, ``charts/blocks_used``, ``charts/flops_ratio``,
+``charts/reward``, per-block keep rates), BlockDrop's curriculum, evaluation of the
+deterministic policy on held-out images (``agents.evaluation``) and exact-resume checkpoints.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from stable_baselines3 import A2C, PPO
 from stable_baselines3.common.base_class import BaseAlgorithm
-from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import configure
 from stable_baselines3.common.vec_env import VecMonitor
-from tqdm.auto import tqdm
 
+from agents.callbacks import (
+    CheckpointEvalCallback,
+    CurriculumCallback,
+    ProgressBarCallback,
+    TaskMetricsCallback,
+    restore_training_state,
+)
+from agents.evaluation import policy_flops
 from agents.policies import policy_kwargs
-from backbone.cost import count_flops
-from backbone.errors import CheckpointError, ConfigError
+from backbone.errors import ConfigError
 from backbone.interrupt import Interrupted, deferred_stop, stop_requested
 from backbone.train import NonFiniteLossError
 from envs.block_skip import SkipTask
@@ -103,282 +104,6 @@ def build_model(cfg: PolicyConfig, env, seed: int, device: str | torch.device = 
     if cfg.env == "oneshot":
         return ALGOS[cfg.algo]("CnnPolicy", env, policy_kwargs=policy_kwargs(cfg.extractor, cfg.extractor_width, cfg.hidden), **kwargs)
     return ALGOS[cfg.algo]("MlpPolicy", env, policy_kwargs={"net_arch": {"pi": [cfg.hidden], "vf": [cfg.hidden]}}, **kwargs)
-
-
-def policy_flops(model: BaseAlgorithm, task: SkipTask, env_kind: str) -> int:
-    """FLOPs of the policy's decisions for one image (actor only; the critic is not used at inference)."""
-    space = model.observation_space
-    obs = torch.zeros((1,) + space.shape, device=model.device)
-    was_training = model.policy.training
-    # Eval mode: in training mode the policy's BatchNorm layers would fold this dummy input
-    # into their running statistics and change every later decision.
-    model.policy.set_training_mode(False)
-    try:
-        flops = count_flops(lambda: model.policy._predict(obs, deterministic=True))
-    finally:
-        model.policy.set_training_mode(was_training)
-    return flops * (task.num_blocks if env_kind == "sequential" else 1)
-
-
-def policy_keep_masks(model: BaseAlgorithm, observations: torch.Tensor) -> torch.Tensor:
-    """The one-shot policy's deterministic keep masks for a batch of observations, computed as
-    a deployed model would: the policy network on the device, no NumPy round trip (what SB3's
-    ``predict`` adds). Same masks as ``model.predict(..., deterministic=True)``."""
-    model.policy.set_training_mode(False)
-    with torch.no_grad():
-        actions = model.policy.get_distribution(observations.float()).get_actions(deterministic=True)
-    return actions.reshape(observations.shape[0], -1).bool()
-
-
-@torch.no_grad()
-def evaluate_policy_on(
-    model: BaseAlgorithm, task: SkipTask, env_kind: str = "oneshot", batch_size: int = 512, extra_flops: float = 0.0
-) -> dict:
-    """Deterministic policy on every image of ``task.dataset``: accuracy, blocks, FLOPs, keep rates.
-
-    ``extra_flops``: per-image FLOPs to add to the backbone's (the policy's own, see ``policy_flops``).
-    """
-    results = {k: [] for k in ("correct", "blocks_used", "flops", "keep_mask", "reward")}
-    for start in range(0, task.num_images, batch_size):
-        idx = torch.arange(start, min(start + batch_size, task.num_images), device=task.device)
-        if env_kind == "oneshot":
-            out = task.play(idx, policy_keep_masks(model, task.observation(idx)))
-        else:
-            h, used = task.seq_start(idx), torch.zeros(len(idx), dtype=torch.long, device=task.device)
-            keep = torch.zeros(len(idx), task.num_blocks, dtype=torch.bool, device=task.device)
-            for i in range(task.num_blocks):
-                run = task.seq_effective_run(policy_keep_masks(model, task.seq_observation(h, i, used))[:, 0], i)
-                h, used, keep[:, i] = task.seq_block(h, i, run), used + run.long(), run
-            out = task.seq_finish(h, idx, used, keep)
-        for key in results:
-            results[key].append(out[key].cpu())
-    r = {k: torch.cat(v) for k, v in results.items()}
-    correct, blocks = r["correct"].float(), r["blocks_used"].double()
-    flops = r["flops"].double() + extra_flops
-    metrics = {
-        "num_images": task.num_images,
-        "accuracy": correct.mean().item(),
-        "blocks_used": blocks.mean().item(),
-        "blocks_used_std": blocks.std(unbiased=False).item(),
-        "flops": flops.mean().item(),
-        "flops_ratio": (flops / task.cost.full_flops).mean().item(),
-        "reward": r["reward"].double().mean().item(),
-        "keep_rate_per_block": r["keep_mask"].float().mean(0).tolist(),
-        "blocks_histogram": torch.bincount(r["blocks_used"].long(), minlength=task.num_blocks + 1).tolist(),
-    }
-    metrics["by_class"] = _grouped(task.dataset.labels.cpu(), correct, blocks, task.dataset.classes)
-    if task.dataset.difficulty is not None:
-        metrics["by_difficulty"] = _grouped(task.dataset.difficulty.cpu(), correct, blocks)
-    metrics["top_masks"] = _top_masks(r["keep_mask"], correct)
-    return metrics
-
-
-def _grouped(groups: torch.Tensor, correct: torch.Tensor, blocks: torch.Tensor, names=None) -> dict:
-    return {
-        (names[int(g)] if names else str(int(g))): {
-            "accuracy": correct[groups == g].mean().item(),
-            "blocks_used": blocks[groups == g].mean().item(),
-            "count": int((groups == g).sum()),
-        }
-        for g in groups.unique()
-    }
-
-
-def _top_masks(keep_mask: torch.Tensor, correct: torch.Tensor, k: int = 5) -> list[dict]:
-    """The ``k`` most frequent masks ("1" = block run), with their share and accuracy."""
-    patterns, inverse, counts = torch.unique(keep_mask.bool(), dim=0, return_inverse=True, return_counts=True)
-    order = counts.argsort(descending=True)[:k]
-    return [
-        {
-            "mask": "".join("1" if b else "0" for b in patterns[i].tolist()),
-            "share": counts[i].item() / len(keep_mask),
-            "accuracy": correct[inverse == i].mean().item(),
-        }
-        for i in order.tolist()
-    ]
-
-
-class TaskMetricsCallback(BaseCallback):
-    """Logs what the task is about, from the infos of the episodes finished in each rollout."""
-
-    def __init__(self, num_blocks: int):
-        super().__init__()
-        self.num_blocks = num_blocks
-        self._episodes: list[dict] = []
-
-    def _on_step(self) -> bool:
-        for info, done in zip(self.locals["infos"], self.locals["dones"]):
-            if done and "correct" in info:
-                self._episodes.append(info)
-        return True
-
-    def _on_rollout_end(self) -> None:
-        if not self._episodes:
-            return
-        eps = self._episodes
-        keep = np.stack([np.asarray(e["keep_mask"], dtype=np.float32) for e in eps]).mean(0)
-        self.logger.record("charts/accuracy", float(np.mean([e["correct"] for e in eps])))
-        self.logger.record("charts/blocks_used", float(np.mean([e["blocks_used"] for e in eps])))
-        self.logger.record("charts/flops_ratio", float(np.mean([e["flops_ratio"] for e in eps])))
-        self.logger.record("charts/reward", float(np.mean([e["episode"]["r"] for e in eps if "episode" in e] or [0.0])))
-        self.logger.record("charts/keep_rates", torch.as_tensor(keep), exclude=("stdout", "log", "json", "csv"))
-        for i, rate in enumerate(keep):
-            self.logger.record(f"keep_rate/block_{i:02d}", float(rate))
-        self._episodes = []
-
-
-class CurriculumCallback(BaseCallback):
-    """BlockDrop's curriculum: the policy first decides only the last block, then one more every
-    ``steps`` timesteps, until it decides them all (earlier blocks are forced on meanwhile)."""
-
-    def __init__(self, num_blocks: int, steps: int):
-        super().__init__()
-        self.num_blocks, self.steps = num_blocks, steps
-
-    def decided(self, timesteps: int) -> int:
-        return min(self.num_blocks, 1 + timesteps // self.steps)
-
-    def _on_rollout_start(self) -> None:
-        k = self.decided(self.num_timesteps)
-        self.training_env.set_attr("num_decided", k)
-        self.logger.record("charts/curriculum_blocks_decided", k)
-
-    def _on_training_end(self) -> None:
-        self.training_env.set_attr("num_decided", self.num_blocks)
-
-    def _on_step(self) -> bool:
-        return True
-
-
-def save_atomic(model: BaseAlgorithm, path: Path) -> None:
-    """``model.save`` to a temp file, then rename: an interrupted save or a full disk never
-    damages ``path`` (a failed write is a ``CheckpointError`` and leaves no temp file)."""
-    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp.zip")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        model.save(tmp)
-        os.replace(tmp, path)
-    except BaseException as err:
-        tmp.unlink(missing_ok=True)
-        if not isinstance(err, (OSError, RuntimeError)):  # RuntimeError: torch's zip writer
-            raise
-        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
-        raise CheckpointError(f"policy {path} could not be written ({reason}); any previous file there is unchanged") from err
-
-
-class CheckpointEvalCallback(BaseCallback):
-    """Every ``eval_every`` steps: evaluate the deterministic policy on held-out images. Every
-    ``checkpoint_every`` steps, and when SIGINT/SIGTERM asks to stop, save a checkpoint at the
-    next rollout boundary (after the update, before new experience): ``last.zip`` (weights,
-    optimiser, timestep count, the current observations), ``state.pt`` (the envs' position and
-    the RNG states) and ``progress.json`` (history, time spent). Resuming from there continues
-    exactly as the uninterrupted run would have."""
-
-    def __init__(self, out_dir: Path, eval_task: SkipTask | None, cfg: PolicyConfig, progress: dict, extra_flops: float):
-        super().__init__()
-        self.out_dir, self.eval_task, self.cfg, self.progress = out_dir, eval_task, cfg, progress
-        self.extra_flops = extra_flops
-        self._tic = time.perf_counter()
-        self._next_eval = self._next_ckpt = 0
-        self.stopped = False  # saved on a stop request; learn() ends at the next step
-
-    def _on_training_start(self) -> None:
-        self._next_eval = (self.num_timesteps // self.cfg.eval_every + 1) * self.cfg.eval_every
-        self._next_ckpt = (self.num_timesteps // self.cfg.checkpoint_every + 1) * self.cfg.checkpoint_every
-
-    def _on_rollout_start(self) -> None:
-        due = self.num_timesteps >= self._next_ckpt
-        if due:
-            self._next_ckpt = (self.num_timesteps // self.cfg.checkpoint_every + 1) * self.cfg.checkpoint_every
-        if due or stop_requested():
-            self.save()
-            self.stopped = stop_requested() is not None
-
-    def _on_step(self) -> bool:
-        if self.stopped:
-            return False  # the step just taken is discarded: the checkpoint is from before it
-        if self.eval_task is not None and self.num_timesteps >= self._next_eval:
-            self._next_eval += self.cfg.eval_every
-            m = evaluate_policy_on(self.model, self.eval_task, self.cfg.env, extra_flops=self.extra_flops)
-            for key in ("accuracy", "blocks_used", "flops_ratio", "reward"):
-                self.logger.record(f"eval/{key}", m[key])
-            self.progress["eval_history"].append({"timesteps": self.num_timesteps, **{k: m[k] for k in ("accuracy", "blocks_used", "flops_ratio", "reward")}})
-        return True
-
-    def save(self) -> None:
-        now = time.perf_counter()
-        self.progress["train_time_s"] += now - self._tic
-        self._tic = now
-        self.progress["timesteps"] = self.num_timesteps
-        # state.pt first: it names its timestep, so a kill between the files is detected on load.
-        save_training_state(self.out_dir / "state.pt", self.model)
-        save_atomic(self.model, self.out_dir / "last.zip")
-        tmp = self.out_dir / ".progress.json.tmp"
-        tmp.write_text(json.dumps(self.progress, indent=2))
-        os.replace(tmp, self.out_dir / "progress.json")
-
-
-def save_training_state(path: Path, model: BaseAlgorithm) -> None:
-    """What SB3's zip leaves out but an exact resume needs: the envs' position and the RNGs
-    (torch samples the actions, NumPy shuffles the PPO minibatches)."""
-    keys, pos, has_gauss, cached = np.random.get_state()[1:]
-    state = {
-        "timesteps": model.num_timesteps,
-        "env": model.get_env().unwrapped.get_state(),
-        "torch_rng": torch.get_rng_state(),
-        "numpy_rng": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                      "has_gauss": int(has_gauss), "cached": float(cached)},
-    }
-    if torch.cuda.is_available():
-        state["cuda_rng"] = torch.cuda.get_rng_state_all()
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException as err:
-        tmp.unlink(missing_ok=True)
-        if not isinstance(err, (OSError, RuntimeError)):
-            raise
-        raise CheckpointError(f"{path} could not be written ({err}); any previous file there is unchanged") from err
-
-
-def restore_training_state(path: Path, model: BaseAlgorithm) -> bool:
-    """Put the envs and RNGs back as :func:`save_training_state` found them; False (and the envs
-    start afresh) when the file is missing or belongs to another timestep than the model."""
-    if not path.exists():
-        return False
-    state = torch.load(path, weights_only=True)
-    if state.get("timesteps") != model.num_timesteps:
-        return False
-    model.get_env().unwrapped.set_state(state["env"])
-    torch.set_rng_state(state["torch_rng"])
-    if "cuda_rng" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    rng = state["numpy_rng"]
-    np.random.set_state(("MT19937", rng["keys"].numpy().astype(np.uint32), rng["pos"], rng["has_gauss"], rng["cached"]))
-    return True
-
-
-class ProgressBarCallback(BaseCallback):
-    """A tqdm bar over timesteps (SB3's own needs ``rich``)."""
-
-    def __init__(self, total: int):
-        super().__init__()
-        self.total = total
-
-    def _on_training_start(self) -> None:
-        self.bar = tqdm(total=self.total, initial=self.num_timesteps, desc="policy", unit="step", leave=False)
-
-    def _on_step(self) -> bool:
-        self.bar.update(self.num_timesteps - self.bar.n)
-        return True
-
-    def _on_training_end(self) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if getattr(self, "bar", None) is not None:
-            self.bar.close()
 
 
 def train_policy(

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from backbone.errors import CheckpointError
+from backbone.errors import CheckpointError, DyndepthError
 from backbone.resnet import CifarResNet
 
 FORMAT = "dyndepth"
@@ -62,28 +62,34 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, **extra: Any) -> 
     payload = {"format": FORMAT, "version": VERSION, "arch": model.arch, "model": model.state_dict()}
     payload.update(extra)
 
+    # Serialised in memory first: torch's zip writer hides why a file write failed ("unexpected
+    # pos ..."), a plain write reports it ("No space left on device").
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    return write_atomically(path, buffer.getvalue())
+
+
+def write_atomically(
+    path: str | os.PathLike, data: bytes, what: str = "checkpoint", error: type[DyndepthError] = CheckpointError
+) -> Path:
+    """Write ``data`` to ``path`` through a temporary file and a rename, so readers see the old
+    file or the new one, never half of one. A failed write (a full disk, say) raises ``error``
+    naming the file; the previous file stays unchanged and no temporary file is left behind."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        # Serialise in memory first: torch's zip writer hides why a file write failed ("unexpected
-        # pos ..."), a plain write reports it ("No space left on device").
-        buffer = io.BytesIO()
-        torch.save(payload, buffer)
         # os.open honours the umask (tempfile would always create 0600 files).
         with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
-            f.write(buffer.getbuffer())
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())  # the data must be on disk before the rename makes it visible
         os.replace(tmp, path)
     except BaseException as err:
         tmp.unlink(missing_ok=True)
-        if not isinstance(err, (OSError, RuntimeError)):  # RuntimeError: torch's zip writer
+        if not isinstance(err, OSError):
             raise
-        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
-        raise CheckpointError(
-            f"checkpoint {path} could not be written ({reason}); any previous file there is unchanged"
-        ) from err
+        raise error(f"{what} {path} could not be written ({err.strerror or err}); any previous file there is unchanged") from err
     with contextlib.suppress(OSError):  # make the rename durable; not possible on every OS
         fd = os.open(path.parent, os.O_RDONLY)
         try:

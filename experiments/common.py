@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
-import tempfile
 import traceback
 from pathlib import Path
 from typing import Callable
 
 from backbone.errors import CheckpointError, ConfigError, DyndepthError, OutputError
 from backbone.interrupt import Interrupted, clear_stop, install_signal_handlers
+from backbone.weights import write_atomically
 from experiments.config import ExperimentConfig, dump_config, load_config, to_dict
 
 
@@ -91,33 +90,10 @@ def _config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 def write_json(path: Path, data: dict) -> None:
-    """Write JSON atomically (temp file + rename): a crash or a full disk never leaves half a file.
-
-    Raises ``OutputError`` (naming the file) when the disk refuses the write.
-    """
+    """Write JSON atomically (see ``backbone.weights.write_atomically``); a failed write is an
+    ``OutputError`` naming the file."""
     text = json.dumps(data, indent=2) + "\n"  # a value JSON cannot hold fails before any file is made
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; results are for sharing
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException as err:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        if not isinstance(err, OSError):
-            raise
-        raise OutputError(
-            f"{path} could not be written ({err.strerror or err}); any previous file there is unchanged"
-        ) from err
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    write_atomically(path, text.encode(), what="file", error=OutputError)
 
 
 def update_metrics(run_dir: Path, stage: str, metrics: dict) -> dict:

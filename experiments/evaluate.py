@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from agents.rl import evaluate_policy_on, policy_flops, policy_keep_masks
+from agents.evaluation import evaluate_policy_on, policy_flops, policy_keep_masks
 from backbone.cost import median_times
 from backbone.data import load_splits
 from backbone.errors import ConfigError

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from agents.joint import joint_finetune
-from agents.rl import evaluate_policy_on, policy_flops, save_atomic
+from agents.callbacks import save_atomic
+from agents.evaluation import evaluate_policy_on, policy_flops
 from backbone.data import Splits, load_splits
 from backbone.errors import ConfigError
 from backbone.train import resolve_device

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import torch
 
-from agents.rl import evaluate_policy_on, save_atomic, train_policy
+from agents.callbacks import save_atomic
+from agents.evaluation import evaluate_policy_on
+from agents.rl import train_policy
 from backbone.data import ImageDataset, Splits, load_splits, split_train_val
 from backbone.errors import ConfigError
 from backbone.resnet import CifarResNet

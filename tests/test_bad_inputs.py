@@ -136,7 +136,7 @@ def write_json_on_full_disk(ctx) -> None:
 def save_atomic_on_full_disk(ctx) -> None:
     from stable_baselines3 import PPO
 
-    from agents.rl import save_atomic
+    from agents.callbacks import save_atomic
 
     model = PPO.load(ctx["tiny"] / "policy" / "policy.zip", device="cpu")
     with full_disk():

@@ -6,15 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from agents.rl import (
-    PolicyConfig,
-    TaskMetricsCallback,
-    build_model,
-    evaluate_policy_on,
-    make_vec_env,
-    policy_flops,
-    train_policy,
-)
+from agents.callbacks import TaskMetricsCallback
+from agents.evaluation import evaluate_policy_on, policy_flops
+from agents.rl import PolicyConfig, build_model, make_vec_env, train_policy
 from backbone import build_resnet
 from backbone.data import ImageDataset, make_synthetic
 from backbone.errors import ConfigError
@@ -174,7 +168,7 @@ def test_counting_policy_flops_changes_nothing(tmp_path):
 
 def test_curriculum_forces_early_blocks_on(tmp_path):
     task = toy_task(n=64)
-    from agents.rl import CurriculumCallback
+    from agents.callbacks import CurriculumCallback
 
     curriculum = CurriculumCallback(task.num_blocks, steps=100)
     assert [curriculum.decided(t) for t in (0, 99, 100, 450, 10**6)] == [1, 1, 2, 5, task.num_blocks]
@@ -200,7 +194,7 @@ def test_bad_policy_config(bad, match):
 
 @pytest.mark.parametrize("env", ["oneshot", "sequential"])
 def test_device_side_masks_equal_sb3_predict(tmp_path, env):
-    from agents.rl import policy_keep_masks
+    from agents.evaluation import policy_keep_masks
 
     task = toy_task(n=64)
     model, _ = train_policy(small_cfg(env=env, timesteps=256), task, tmp_path, seed=4)

@@ -266,11 +266,10 @@ def test_failed_save_keeps_previous_checkpoint_and_leaves_no_temp_file(tmp_path,
     good = make_model(seed=0)
     path = save_checkpoint(tmp_path / "last.pt", good, epoch=1)
 
-    def disk_full(obj, f, *args, **kwargs):
-        f.write(b"PK\x03\x04 half a checkpoint")
+    def disk_full(fd):  # the temporary file is written, but the disk refuses to persist it
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(torch, "save", disk_full)
+    monkeypatch.setattr(os, "fsync", disk_full)
     with pytest.raises(CheckpointError, match=r"could not be written \(No space left on device\).*unchanged"):
         save_checkpoint(path, make_model(seed=1), epoch=2)
     with pytest.raises(CheckpointError, match="could not be written"):
