@@ -163,8 +163,11 @@ def restore_training_state(path: Path, model: BaseAlgorithm) -> bool:
     start afresh) when the file is missing or belongs to another timestep than the model."""
     if not path.exists():
         return False
-    state = torch.load(path, weights_only=True)
-    if state.get("timesteps") != model.num_timesteps:
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception:  # unreadable (not written by us): the resume is still correct, just not exact
+        return False
+    if not isinstance(state, dict) or state.get("timesteps") != model.num_timesteps:
         return False
     model.get_env().unwrapped.set_state(state["env"])
     torch.set_rng_state(state["torch_rng"])

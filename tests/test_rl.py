@@ -138,6 +138,9 @@ def test_resume_without_matching_state_starts_fresh_episodes(tmp_path):
     (tmp_path / "state.pt").unlink()  # e.g. a checkpoint from an older version
     model, progress = train_policy(small_cfg(timesteps=768, checkpoint_every=256), task, tmp_path, seed=2, resume=True)
     assert model.num_timesteps == 768 and progress["timesteps"] == 768
+    (tmp_path / "state.pt").write_bytes(b"not a torch file")
+    model, progress = train_policy(small_cfg(timesteps=1024, checkpoint_every=256), task, tmp_path, seed=2, resume=True)
+    assert model.num_timesteps == 1024
 
 
 def test_evaluation_matches_the_task_and_counts_the_policy(tmp_path):
