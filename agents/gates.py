@@ -21,7 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from backbone.cost import count_flops, measure_backbone_cost
-from backbone.data import BatchLoader, ImageDataset
+from backbone.batching import BatchLoader
+from backbone.data import ImageDataset
 from backbone.errors import ConfigError
 from backbone.resnet import BackboneWrapper, CifarResNet, check_keep_mask, run_block_masked
 from backbone.train import TrainConfig, train

@@ -25,7 +25,8 @@ import torch
 import torch.nn as nn
 from stable_baselines3.common.base_class import BaseAlgorithm
 
-from backbone.data import BatchLoader, ImageDataset
+from backbone.batching import BatchLoader
+from backbone.data import ImageDataset
 from backbone.errors import ConfigError
 from backbone.resnet import BackboneWrapper, CifarResNet
 from backbone.train import TrainConfig, train

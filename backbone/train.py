@@ -24,7 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from backbone.data import BatchLoader, ImageDataset
+from backbone.batching import BatchLoader
+from backbone.data import ImageDataset
 from backbone.errors import ConfigError, DyndepthError
 from backbone.interrupt import Interrupted, deferred_stop, stop_requested
 from backbone.resnet import CifarResNet

@@ -157,7 +157,7 @@ def bench_train(arch: str, batch: int, device, steps: int, seed: int = 0) -> dic
     """Training images/s with the project's data path (uint8 dataset on the device, batches cut,
     augmented and normalised there) vs the same steps on one batch already prepared on the device.
     Target: ratio ≥ 0.8, i.e. the data path is never the bottleneck."""
-    from backbone.data import BatchLoader
+    from backbone.batching import BatchLoader
     from backbone.train import TrainConfig, build_optimizer
 
     dataset = make_synthetic(batch * (steps + 2), num_classes=10, seed=seed)

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from backbone.data import BatchLoader, make_synthetic
+from backbone.batching import BatchLoader
+from backbone.data import make_synthetic
 from backbone.resnet import build_resnet
 from experiments.common import write_json
 

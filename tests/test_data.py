@@ -13,10 +13,9 @@ import torch.nn.functional as F
 from torchvision.io import encode_jpeg, write_png
 
 from backbone import data
+from backbone.batching import BatchLoader, augment_batch
 from backbone.data import (
-    BatchLoader,
     ImageDataset,
-    augment_batch,
     load_cifar,
     load_dataset,
     load_imagefolder,
