@@ -213,7 +213,7 @@ def train_gates(
 def evaluate_gates(gated: GatedResNet, dataset: ImageDataset, batch_size: int = 512, amp: bool = True) -> dict:
     """The gated model (eval mode, real skipping) on every image of ``dataset``.
 
-    Same keys as ``agents.rl.evaluate_policy_on``; ``flops`` includes the gates' own FLOPs and
+    Same keys as ``agents.evaluation.evaluate_policy_on``; ``flops`` includes the gates' own FLOPs and
     ``reward`` is the RL reward ``correct − λ·blocks_used`` at the gates' λ.
     """
     device = next(gated.parameters()).device

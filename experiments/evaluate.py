@@ -44,7 +44,7 @@ def final_pair_paths(run_dir: Path, tag: str = "policy") -> tuple[str, Path, Pat
 def measure_latency(task: SkipTask, model, batch_sizes, repeats: int) -> list[dict]:
     """Wall-clock per batch of the full backbone and of policy + masked backbone, same images.
 
-    The policy runs as the torch module it is, on the device (``agents.rl.policy_keep_masks``),
+    The policy runs as the torch module it is, on the device (``agents.evaluation.policy_keep_masks``),
     not through SB3's ``predict``, whose NumPy round trip is an API convenience, not model cost.
     """
     device, backbone, rows = task.device, task.backbone, []
