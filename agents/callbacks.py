@@ -3,8 +3,8 @@ periodic evaluation with exact-resume checkpoints, and a progress bar.
 
 A checkpoint is taken at a rollout boundary (after the update, before new experience) and has
 three files: ``last.zip`` (SB3: weights, optimiser, timestep count, current observations),
-``state.pt`` (what SB3 leaves out: the environments' position and the RNG states) and
-``progress.json`` (evaluation history, time spent).
+``state-<timesteps>.pt`` (what SB3 leaves out: the environments' position, the RNG states and
+the progress record) and ``progress.json`` (evaluation history, time spent, for reading).
 """
 
 from __future__ import annotations
@@ -94,8 +94,8 @@ class CheckpointEvalCallback(BaseCallback):
     """Every ``eval_every`` steps: evaluate the deterministic policy on held-out images. Every
     ``checkpoint_every`` steps, and when SIGINT/SIGTERM asks to stop, save a checkpoint at the
     next rollout boundary (after the update, before new experience): ``last.zip`` (weights,
-    optimiser, timestep count, the current observations), ``state.pt`` (the envs' position and
-    the RNG states) and ``progress.json`` (history, time spent). Resuming from there continues
+    optimiser, timestep count, the current observations), ``state-<timesteps>.pt`` (the envs'
+    position, the RNG states, the progress record) and ``progress.json`` (history, time spent). Resuming from there continues
     exactly as the uninterrupted run would have."""
 
     def __init__(self, out_dir: Path, eval_task: SkipTask | None, cfg: PolicyConfig, progress: dict, extra_flops: float):
@@ -134,18 +134,27 @@ class CheckpointEvalCallback(BaseCallback):
         self.progress["train_time_s"] += now - self._tic
         self._tic = now
         self.progress["timesteps"] = self.num_timesteps
-        # state.pt first: it names its timestep, so a kill between the files is detected on load.
-        save_training_state(self.out_dir / "state.pt", self.model)
+        # The state file is named by its timestep and written before last.zip, and the older one
+        # is deleted only after: a kill at any moment leaves a last.zip whose state file exists.
+        state = save_training_state(self.out_dir, self.model, self.progress)
         save_atomic(self.model, self.out_dir / "last.zip")
+        for old in self.out_dir.glob("state-*.pt"):
+            if old != state:
+                old.unlink(missing_ok=True)
         write_atomically(self.out_dir / "progress.json", json.dumps(self.progress, indent=2).encode(), what="file")
 
 
-def save_training_state(path: Path, model: BaseAlgorithm) -> None:
-    """What SB3's zip leaves out but an exact resume needs: the envs' position and the RNGs
-    (torch samples the actions, NumPy shuffles the PPO minibatches)."""
+def state_path(out_dir: Path, timesteps: int) -> Path:
+    return Path(out_dir) / f"state-{timesteps}.pt"
+
+
+def save_training_state(out_dir: Path, model: BaseAlgorithm, progress: dict) -> Path:
+    """What SB3's zip leaves out but an exact resume needs: the envs' position, the RNGs (torch
+    samples the actions, NumPy shuffles the PPO minibatches) and the progress record."""
     keys, pos, has_gauss, cached = np.random.get_state()[1:]
     state = {
         "timesteps": model.num_timesteps,
+        "progress": json.dumps(progress),
         "env": model.get_env().unwrapped.get_state(),
         "torch_rng": torch.get_rng_state(),
         "numpy_rng": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
@@ -155,27 +164,29 @@ def save_training_state(path: Path, model: BaseAlgorithm) -> None:
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    write_atomically(path, buffer.getvalue())
+    return write_atomically(state_path(out_dir, model.num_timesteps), buffer.getvalue())
 
 
-def restore_training_state(path: Path, model: BaseAlgorithm) -> bool:
-    """Put the envs and RNGs back as :func:`save_training_state` found them; False (and the envs
-    start afresh) when the file is missing or belongs to another timestep than the model."""
+def restore_training_state(out_dir: Path, model: BaseAlgorithm) -> dict | None:
+    """Put the envs and RNGs back as :func:`save_training_state` found them at the model's
+    timestep and return the progress record of then; None (the envs start afresh) when that
+    state file is missing or unreadable."""
+    path = state_path(out_dir, model.num_timesteps)
     if not path.exists():
-        return False
+        return None
     try:
         state = torch.load(path, weights_only=True)
     except Exception:  # unreadable (not written by us): the resume is still correct, just not exact
-        return False
+        return None
     if not isinstance(state, dict) or state.get("timesteps") != model.num_timesteps:
-        return False
+        return None
     model.get_env().unwrapped.set_state(state["env"])
     torch.set_rng_state(state["torch_rng"])
     if "cuda_rng" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     rng = state["numpy_rng"]
     np.random.set_state(("MT19937", rng["keys"].numpy().astype(np.uint32), rng["pos"], rng["has_gauss"], rng["cached"]))
-    return True
+    return json.loads(state["progress"])
 
 
 class ProgressBarCallback(BaseCallback):

@@ -137,11 +137,13 @@ def train_policy(
         model.set_logger(configure(str(tb_dir), ["tensorboard"]))
     extra_flops = policy_flops(model, task, cfg.env)
     if resume and last.exists():  # after policy_flops: nothing may draw from the restored RNGs
-        if restore_training_state(out_dir / "state.pt", model):
+        restored = restore_training_state(out_dir, model)
+        if restored is not None:
+            progress = restored
             print(f"policy: resuming exactly at timestep {model.num_timesteps}")
         else:
             model._last_obs = None  # SB3's learn() then resets the envs
-            print(f"policy: resuming at timestep {model.num_timesteps} with fresh episodes (no matching state.pt)")
+            print(f"policy: resuming at timestep {model.num_timesteps} with fresh episodes (no matching state file)")
     saver = CheckpointEvalCallback(out_dir, eval_task, cfg, progress, extra_flops)
     progress_bar = ProgressBarCallback(cfg.timesteps)
     callbacks = [TaskMetricsCallback(task.num_blocks), saver, progress_bar]

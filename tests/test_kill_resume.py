@@ -167,5 +167,5 @@ def test_pipeline_killed_in_several_stages_resumes_exactly(tmp_path):
     # Every stage, the PPO policies included, ends as if it had never been interrupted.
     expected = json.loads((reference / "runs" / "tiny" / "metrics.json").read_text())
     for stage in expected:
-        assert scores(metrics[stage]) == scores(expected[stage]), stage
+        assert scores(metrics[stage]) == scores(expected[stage]), f"{stage} (stages finished at the kills: {killed_in})"
     print(f"stages finished at each kill: {killed_in}")

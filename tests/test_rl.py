@@ -135,12 +135,42 @@ def test_stop_request_saves_and_resume_is_exact(tmp_path, monkeypatch, env):
 def test_resume_without_matching_state_starts_fresh_episodes(tmp_path):
     task = toy_task(n=64)
     train_policy(small_cfg(timesteps=512, checkpoint_every=256), task, tmp_path, seed=2)
-    (tmp_path / "state.pt").unlink()  # e.g. a checkpoint from an older version
+    assert [p.name for p in tmp_path.glob("state-*.pt")] == ["state-512.pt"]  # older ones removed
+    (tmp_path / "state-512.pt").unlink()  # e.g. a checkpoint from an older version
     model, progress = train_policy(small_cfg(timesteps=768, checkpoint_every=256), task, tmp_path, seed=2, resume=True)
     assert model.num_timesteps == 768 and progress["timesteps"] == 768
-    (tmp_path / "state.pt").write_bytes(b"not a torch file")
+    (tmp_path / "state-768.pt").write_bytes(b"not a torch file")
     model, progress = train_policy(small_cfg(timesteps=1024, checkpoint_every=256), task, tmp_path, seed=2, resume=True)
     assert model.num_timesteps == 1024
+
+
+def test_kill_between_the_checkpoint_files_still_resumes_exactly(tmp_path, monkeypatch):
+    """A SIGKILL after the new state file but before the new last.zip: the old last.zip's own
+    state file must still be there, so the resume stays exact."""
+    import agents.callbacks as callbacks
+
+    task = toy_task(n=64)
+    cfg = small_cfg(num_envs=16, n_steps=4, batch_size=64, timesteps=256, checkpoint_every=64)
+    straight, _ = train_policy(cfg, task, tmp_path / "a", seed=2)
+
+    saves = []
+    real_save_atomic = callbacks.save_atomic
+
+    def killed_at_the_third_save(model, path):
+        saves.append(path)
+        if len(saves) == 3:
+            raise KeyboardInterrupt  # the process dies here: state-192.pt written, last.zip still at 128
+        real_save_atomic(model, path)
+
+    monkeypatch.setattr(callbacks, "save_atomic", killed_at_the_third_save)
+    with pytest.raises(KeyboardInterrupt):
+        train_policy(cfg, task, tmp_path / "b", seed=2)
+    monkeypatch.setattr(callbacks, "save_atomic", real_save_atomic)
+    assert {p.name for p in (tmp_path / "b").glob("state-*.pt")} == {"state-128.pt", "state-192.pt"}
+    torch.manual_seed(7), np.random.seed(7)
+    resumed, progress = train_policy(cfg, task, tmp_path / "b", seed=2, resume=True)
+    for (name, a), b in zip(straight.policy.state_dict().items(), resumed.policy.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 def test_evaluation_matches_the_task_and_counts_the_policy(tmp_path):
