@@ -348,10 +348,12 @@ def train(
             is_best = accuracy > best_accuracy
             best_accuracy = max(best_accuracy, accuracy)
             if last_path is not None:
-                save_last(epoch + 1, 0)
-                last_save = time.monotonic()
+                # best.pt first: last.pt records the best accuracy, so a kill between the two
+                # must not leave a last.pt that believes a best.pt was written.
                 if is_best:
                     save_checkpoint(best_path, model, epoch=epoch + 1, best_accuracy=best_accuracy, history=history)
+                save_last(epoch + 1, 0)
+                last_save = time.monotonic()
     return {"history": history, "best_accuracy": best_accuracy, "epochs": cfg.epochs}
 
 
