@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from backbone.weights import load_checkpoint
+from test_pipeline import TINY as TINY_STUDY
 
 ROOT = Path(__file__).resolve().parents[1]
 # Long enough (about 3 s of training) that kills land inside training; checkpoint_every_s makes
@@ -25,16 +26,10 @@ data: {train_size: 800, test_size: 100, num_classes: 4, val_fraction: 0.2}
 model: {arch: resnet8, width: 8}
 pretrain: {epochs: 6, batch_size: 16, warmup_epochs: 0, stochastic_depth: 0.2, checkpoint_every_s: 0.2}
 """
-PIPELINE = """
-name: tiny
-data: {train_size: 400, test_size: 120, num_classes: 4, val_fraction: 0.3}
-model: {arch: resnet8, width: 4}
-pretrain: {epochs: 2, batch_size: 32, warmup_epochs: 0, checkpoint_every_s: 0.2}
-policy: {num_envs: 16, n_steps: 4, batch_size: 64, timesteps: 256, extractor_width: 4, eval_every: 128, checkpoint_every: 64}
-finetune: {epochs: 1, batch_size: 32, policy_batch_size: 32}
-gates: {lam: 0.05}
-study: {lambdas: [0.2], latency_batch: 16, latency_repeats: 2}
-"""
+# The tiny study of test_pipeline, with checkpoints often enough that kills land between them.
+PIPELINE = TINY_STUDY.replace("stochastic_depth: 0.2}", "stochastic_depth: 0.2, checkpoint_every_s: 0.2}").replace(
+    "checkpoint_every: 128}", "checkpoint_every: 64}")
+assert PIPELINE.count("checkpoint_every_s: 0.2") == 1 and "checkpoint_every: 64}" in PIPELINE
 
 
 def start(module: str, *args: str, cwd: Path) -> subprocess.Popen:
