@@ -46,14 +46,36 @@ class ShortcutA(nn.Module):
         return F.pad(x, (0, 0, 0, 0, self.pad_front, self.pad_back))
 
 
+#: oneDNN's AVX2 kernel for the weight gradient of a strided 1x1 convolution on channels-last
+#: input writes out of bounds when the input has fewer channels than one AVX2 register holds
+#: (8 floats): random hangs, aborts and segfaults in ``backward()`` on AVX2-only CPUs (e.g. AMD
+#: EPYC), never on AVX-512 ones. Reproducer and measurements: docs/results.md, "oneDNN AVX2".
+ONEDNN_AVX2_MIN_CHANNELS = 8
+
+
+class PointwiseConv(nn.Conv2d):
+    """A 1x1 convolution (the option-B shortcut) that never reaches oneDNN's faulty kernel.
+
+    Where the bug can strike (on the CPU, stride > 1, fewer than 8 input channels; whatever the
+    layout, since PyTorch picks channels-last when either the input or the weight is) it
+    subsamples first and convolves with unit stride: the same function (a 1x1 kernel reads only
+    the pixels the stride keeps) through a correct kernel. Elsewhere it is a plain
+    ``nn.Conv2d``: at larger channel counts the subsampled form is 1.2-3.5x slower.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        stride = self.stride
+        if x.device.type == "cpu" and self.in_channels < ONEDNN_AVX2_MIN_CHANNELS and max(stride) > 1:
+            return F.conv2d(x[:, :, :: stride[0], :: stride[1]], self.weight, self.bias)
+        return super().forward(x)
+
+
 def _shortcut(in_planes: int, planes: int, stride: int, kind: str) -> nn.Module:
     if stride == 1 and in_planes == planes:
         return nn.Identity()
     if kind == "A":
         return ShortcutA(in_planes, planes, stride)
-    return nn.Sequential(
-        nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes)
-    )
+    return nn.Sequential(PointwiseConv(in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes))
 
 
 class BasicBlock(nn.Module):

@@ -16,7 +16,9 @@ own masks, so batch 1 measures the mask kind rather than one draw. Peak memory: 
 ``backbone.cost.peak_memory_mb`` (CPU: the process's peak resident memory during the call).
 
 ``--bench layout`` times the default channels_last layout against NCHW (forward and a training
-step). ``--bench env`` measures the batched VecEnv's env-steps/s against the masked backbone alone and
+step). ``--bench shortcut`` measures what the oneDNN AVX2 workaround (``backbone.resnet.PointwiseConv``)
+costs a narrow option-B network against the plain strided convolution (whose weight gradient is
+only timed where it is safe: on CPUs whose ATen capability is AVX-512). ``--bench env`` measures the batched VecEnv's env-steps/s against the masked backbone alone and
 against SB3's ``DummyVecEnv`` of single environments (see ``bench_env``).
 """
 
@@ -215,6 +217,58 @@ def bench_layout(arch: str, batches, device, warmup: int, repeats: int, train_ba
              "nchw_ms": r["nchw"] * 1e3, "nhwc_ms": r["nhwc"] * 1e3, "speedup": r["nchw"] / r["nhwc"]} for r in records]
 
 
+def bench_shortcut(device, warmup: int, repeats: int, width: int = 6, batch: int = 128) -> list[dict]:
+    """Option-B ResNet-20 of ``width`` < 8: the workaround's subsampled 1x1 shortcut against the
+    plain strided ``nn.Conv2d`` with the same weights (forward at ``batch``; a training step too
+    where oneDNN's faulty AVX2 kernel is not the one that would run)."""
+    import copy
+
+    from backbone.resnet import PointwiseConv
+
+    safe_native = device.type != "cpu" or torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    fixed = build_resnet(20, num_classes=100, shortcut="B", width=width).to(device)
+    native = copy.deepcopy(fixed)
+    for block in native.blocks:
+        if block.downsamples and isinstance(block.shortcut[0], PointwiseConv):
+            old = block.shortcut[0]
+            plain = torch.nn.Conv2d(old.in_channels, old.out_channels, 1, stride=old.stride, bias=False)
+            plain.weight = old.weight
+            block.shortcut[0] = plain
+    x = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8).to(device)
+    y = torch.randint(0, 100, (batch,)).to(device)
+    with torch.inference_mode():
+        fixed.eval(), native.eval()
+        times = median_times({"native": lambda: native(x), "workaround": lambda: fixed(x)}, device, warmup, repeats)
+    records = [{"case": f"forward batch {batch}", **times}]
+    if safe_native:
+        fixed.train(), native.train()
+        steps = {k: (lambda m=m: torch.nn.functional.cross_entropy(m(x), y).backward())
+                 for k, m in (("native", native), ("workaround", fixed))}
+        records.append({"case": f"training step batch {batch}", **median_times(steps, device, 1, repeats)})
+    return [{"bench": "shortcut", "device": device_name(device), "arch": f"resnet20 B width {width}", "case": r["case"],
+             "native_ms": r["native"] * 1e3, "workaround_ms": r["workaround"] * 1e3,
+             "slowdown": r["workaround"] / r["native"], "native_backward_timed": safe_native} for r in records]
+
+
+def cpu_info() -> dict:
+    """CPU model and the ISA extensions that decide which oneDNN kernels run (lscpu on Linux), so
+    that figures from different machines can be told apart."""
+    info = {"machine": platform.machine(), "aten_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads()}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return info
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    info["model_name"] = fields.get("model name", platform.processor())
+    info["avx2"] = "avx2" in flags
+    info["avx512"] = sorted(f for f in flags if f.startswith("avx512"))
+    info["amx"] = sorted(f for f in flags if f.startswith("amx"))
+    return info
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -251,10 +305,10 @@ def main(argv=None) -> None:
     parser.add_argument("--amp", action="store_true", help="skipping cases under bf16 autocast (CUDA)")
     parser.add_argument("--compile", action="store_true", help="skipping cases with torch.compile'd blocks (compile_blocks)")
     parser.add_argument("--json", type=Path, default=None, help="write the records to this file")
-    parser.add_argument("--bench", nargs="+", default=["skipping", "env", "train", "layout"],
-                        choices=["skipping", "env", "train", "layout"],
+    parser.add_argument("--bench", nargs="+", default=["skipping", "env", "train", "layout", "shortcut"],
+                        choices=["skipping", "env", "train", "layout", "shortcut"],
                         help="skipping: masked vs full forward; env: VecEnv throughput; train: data path vs tensors "
-                             "on the device; layout: channels_last vs NCHW")
+                             "on the device; layout: channels_last vs NCHW; shortcut: the oneDNN AVX2 workaround's cost")
     args = parser.parse_args(argv)
     try:
         device = resolve_device(args.device)
@@ -290,8 +344,14 @@ def main(argv=None) -> None:
             print(f"layout {r['arch']} {r['case']}: NCHW {r['nchw_ms']:.2f} ms, channels_last {r['nhwc_ms']:.2f} ms, "
                   f"speed-up {r['speedup']:.2f}x")
             records.append(r)
+    if "shortcut" in args.bench:
+        print()
+        for r in bench_shortcut(device, args.warmup, args.repeats or 10):
+            print(f"shortcut {r['arch']} {r['case']}: plain strided conv {r['native_ms']:.2f} ms, workaround "
+                  f"{r['workaround_ms']:.2f} ms, slowdown {r['slowdown']:.2f}x")
+            records.append(r)
     if args.json:
-        write_json(args.json, {"records": records, "torch": torch.__version__})
+        write_json(args.json, {"records": records, "torch": torch.__version__, "cpu": cpu_info()})
         print(f"wrote {args.json}")
 
 

@@ -9,9 +9,12 @@ from experiments import benchmark
 
 def test_records_have_the_tracked_fields(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    benchmark.main(["--arch", "resnet8", "--batch", "1", "8", "--keep", "0.5", "--bench", "skipping", "train", "layout",
+    benchmark.main(["--arch", "resnet8", "--batch", "1", "8", "--keep", "0.5", "--bench", "skipping", "train", "layout", "shortcut",
                     "--repeats", "1", "--warmup", "0", "--json", str(out)])
-    records = json.loads(out.read_text())["records"]
+    written = json.loads(out.read_text())
+    records = written["records"]
+    # The CPU model and ISA are recorded, so figures from different machines can be told apart.
+    assert {"model_name", "aten_capability", "avx2", "avx512", "amx"} <= set(written["cpu"])
     skipping = [r for r in records if r["bench"] == "skipping"]
     assert {(r["batch"], r["mask_kind"]) for r in skipping} == {(1, "random"), (1, "patterns"), (8, "random"), (8, "patterns")}
     for r in skipping:
@@ -26,6 +29,8 @@ def test_records_have_the_tracked_fields(tmp_path, capsys):
     layout = [r for r in records if r["bench"] == "layout"]
     assert [r["case"] for r in layout] == ["forward batch 1", "forward batch 8", "training step batch 128"]
     assert all(r["speedup"] > 0 for r in layout)
+    shortcut = [r for r in records if r["bench"] == "shortcut"]
+    assert shortcut and all(r["slowdown"] > 0 for r in shortcut)
     assert "efficiency" in capsys.readouterr().out
 
 
