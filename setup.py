@@ -10,7 +10,7 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",
-    packages=["backbone", "envs", "agents", "experiments"],
+    packages=["backbone", "backbone.models", "backbone.data", "backbone.training", "envs", "agents", "experiments"],
     package_data={"experiments": ["configs/*.yaml"]},
     install_requires=[
         "torch>=2.4",

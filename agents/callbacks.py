@@ -22,8 +22,8 @@ from stable_baselines3.common.callbacks import BaseCallback
 from tqdm.auto import tqdm
 
 from agents.evaluation import evaluate_policy_on
-from backbone.interrupt import stop_requested
-from backbone.weights import write_atomically
+from backbone.training.interrupt import stop_requested
+from backbone.models.weights import write_atomically
 from envs.block_skip import SkipTask
 
 if TYPE_CHECKING:

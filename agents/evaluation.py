@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from stable_baselines3.common.base_class import BaseAlgorithm
 
-from backbone.cost import count_flops
+from backbone.models.cost import count_flops
 from envs.block_skip import SkipTask
 
 

@@ -20,13 +20,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from backbone.cost import count_flops, measure_backbone_cost
-from backbone.batching import BatchLoader
-from backbone.data import ImageDataset
+from backbone.models.cost import count_flops, measure_backbone_cost
+from backbone.data.batching import BatchLoader
+from backbone.data.datasets import ImageDataset
 from backbone.errors import ConfigError
-from backbone.resnet import BackboneWrapper, CifarResNet, check_keep_mask, run_block_masked
-from backbone.train import TrainConfig, train
-from backbone.weights import ARCH_FIELDS, load_checkpoint
+from backbone.models.resnet import BackboneWrapper, CifarResNet, check_keep_mask, run_block_masked
+from backbone.training.loop import TrainConfig, train
+from backbone.models.weights import ARCH_FIELDS, load_checkpoint
 
 ESTIMATORS = ("straight_through", "gumbel")
 
@@ -144,7 +144,7 @@ class GatedResNet(BackboneWrapper):
         self, images: torch.Tensor, labels: torch.Tensor, keep_mask: torch.Tensor | None = None,
         label_smoothing: float = 0.0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``CE + λ · mean_batch(Σ_i g_i)`` and the logits: the ``LossFn`` of ``backbone.train.train``."""
+        """``CE + λ · mean_batch(Σ_i g_i)`` and the logits: the ``LossFn`` of ``backbone.training.loop.train``."""
         logits = self(images, keep_mask)
         ce = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
         return ce + self.cfg.lam * self.last_gates.float().sum(1).mean(), logits
@@ -188,7 +188,7 @@ def train_gates(
 ) -> tuple[GatedResNet, dict]:
     """Wrap ``backbone`` (trained in place, on its device) with gates and train both jointly.
 
-    Uses ``backbone.train.train`` with the gate loss; checkpoints, resume and TensorBoard work as
+    Uses ``backbone.training.loop.train`` with the gate loss; checkpoints, resume and TensorBoard work as
     there. Returns the model and train's history, plus ``val_metrics`` (``evaluate_gates`` on
     ``val_set``) when a validation set is given.
     """
@@ -221,7 +221,7 @@ def evaluate_gates(gated: GatedResNet, dataset: ImageDataset, batch_size: int = 
     gated.eval()
     correct, keep = [], []
     for images, labels in BatchLoader(dataset, batch_size, shuffle=False, device=device).epoch_batches(0):
-        # bf16 on CUDA, as backbone.train.evaluate does, so decisions match the val accuracy logged in training.
+        # bf16 on CUDA, as backbone.training.loop.evaluate does, so decisions match the val accuracy logged in training.
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
             logits = gated(images)
         correct.append((logits.argmax(1) == labels).cpu())

@@ -1,6 +1,6 @@
 """Joint fine-tuning of the backbone and the block-skipping policy.
 
-Both sets of weights change, in the one supervised loop of ``backbone.train``:
+Both sets of weights change, in the one supervised loop of ``backbone.training.loop``:
 
 - **Backbone**: cross-entropy on training images, each run with a keep mask *sampled from the
   policy*, so the backbone learns to work with the blocks the policy actually keeps.
@@ -25,11 +25,11 @@ import torch
 import torch.nn as nn
 from stable_baselines3.common.base_class import BaseAlgorithm
 
-from backbone.batching import BatchLoader
-from backbone.data import ImageDataset
+from backbone.data.batching import BatchLoader
+from backbone.data.datasets import ImageDataset
 from backbone.errors import ConfigError
-from backbone.resnet import BackboneWrapper, CifarResNet
-from backbone.train import TrainConfig, train
+from backbone.models.resnet import BackboneWrapper, CifarResNet
+from backbone.training.loop import TrainConfig, train
 from envs.block_skip import downsample_images
 from envs.rewards import RewardConfig, episode_reward
 

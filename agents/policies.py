@@ -13,7 +13,7 @@ import torch.nn as nn
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 
 from backbone.errors import ConfigError
-from backbone.resnet import build_resnet
+from backbone.models.resnet import build_resnet
 
 EXTRACTORS = ("tiny", "resnet")
 

@@ -29,8 +29,8 @@ from agents.callbacks import (
 from agents.evaluation import policy_flops
 from agents.policies import policy_kwargs
 from backbone.errors import ConfigError
-from backbone.interrupt import Interrupted, deferred_stop, stop_requested
-from backbone.train import NonFiniteLossError
+from backbone.training.interrupt import Interrupted, deferred_stop, stop_requested
+from backbone.training.loop import NonFiniteLossError
 from envs.block_skip import SkipTask
 from envs.rewards import RewardConfig
 from envs.vec import BlockSkipSeqVecEnv, BlockSkipVecEnv

@@ -1,7 +1,13 @@
-"""Residual CNN backbones whose blocks can be skipped per sample, and their training."""
+"""Residual CNN backbones whose blocks can be skipped per sample, their data and their training.
+
+Sub-packages: ``backbone.models`` (skippable ResNets, costs, weights), ``backbone.data``
+(datasets and device batching), ``backbone.training`` (the one training loop, interrupts).
+"""
 
 from backbone.errors import CheckpointError, ConfigError, DatasetError, DyndepthError
-from backbone.resnet import NORMALIZATION, BasicBlock, CifarResNet, build_resnet
+from backbone.models.cost import measure_backbone_cost
+from backbone.models.resnet import NORMALIZATION, BasicBlock, CifarResNet, build_resnet
+from backbone.models.weights import load_model, load_weights
 
 __all__ = [
     "BasicBlock",
@@ -12,4 +18,7 @@ __all__ = [
     "DyndepthError",
     "NORMALIZATION",
     "build_resnet",
+    "load_model",
+    "load_weights",
+    "measure_backbone_cost",
 ]

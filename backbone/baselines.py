@@ -1,7 +1,7 @@
 """Honest baselines for a dynamic-depth model: what the same compute buys without a policy.
 
 - a static ResNet whose depth gives the FLOPs closest to the gated model's average
-  (trained with the same recipe elsewhere, with ``backbone.train.train``);
+  (trained with the same recipe elsewhere, with ``backbone.training.loop.train``);
 - random dropping: every image keeps each block with the gated model's keep rate;
 - the best fixed subset of blocks of that size, found greedily on held-out images.
 """
@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from backbone.cost import measure_backbone_cost
-from backbone.data import ImageDataset
-from backbone.resnet import CifarResNet, build_resnet
-from backbone.train import predict
+from backbone.models.cost import measure_backbone_cost
+from backbone.data.datasets import ImageDataset
+from backbone.models.resnet import CifarResNet, build_resnet
+from backbone.training.loop import predict
 
 STATIC_DEPTHS = tuple(6 * n + 2 for n in range(1, 19))  # 8, 14, ..., 110
 

@@ -23,11 +23,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from backbone.cost import measure_backbone_cost
-from backbone.data import DataConfig, ImageDataset, load_splits
+from backbone.models.cost import measure_backbone_cost
+from backbone.data.datasets import DataConfig, ImageDataset, load_splits
 from backbone.errors import ConfigError
-from backbone.resnet import CifarResNet, run_block_masked
-from backbone.weights import load_model
+from backbone.models.resnet import CifarResNet, run_block_masked
+from backbone.models.weights import load_model
 from envs.rewards import RewardConfig, block_cost, episode_reward
 
 SPLITS = ("train", "val", "test")

@@ -13,10 +13,10 @@ Mask kinds: ``random`` (every block kept independently with the keep rate, per i
 ``patterns`` (4 fixed masks with exactly that share of blocks, rows assigned at random: what a
 trained policy tends to produce). Batches smaller than 16 run as a stream of calls, each with its
 own masks, so batch 1 measures the mask kind rather than one draw. Peak memory: see
-``backbone.cost.peak_memory_mb`` (CPU: the process's peak resident memory during the call).
+``backbone.models.cost.peak_memory_mb`` (CPU: the process's peak resident memory during the call).
 
 ``--bench layout`` times the default channels_last layout against NCHW (forward and a training
-step). ``--bench shortcut`` measures what the oneDNN AVX2 workaround (``backbone.resnet.PointwiseConv``)
+step). ``--bench shortcut`` measures what the oneDNN AVX2 workaround (``backbone.models.resnet.PointwiseConv``)
 costs a narrow option-B network against the plain strided convolution (whose weight gradient is
 only timed where it is safe: on CPUs whose ATen capability is AVX-512). ``--bench env`` measures the batched VecEnv's env-steps/s against the masked backbone alone and
 against SB3's ``DummyVecEnv`` of single environments (see ``bench_env``).
@@ -30,11 +30,11 @@ from pathlib import Path
 
 import torch
 
-from backbone.cost import measure_backbone_cost, median_times, peak_memory_mb
-from backbone.data import make_synthetic
+from backbone.models.cost import measure_backbone_cost, median_times, peak_memory_mb
+from backbone.data.datasets import make_synthetic
 from backbone.errors import ConfigError
-from backbone.resnet import build_resnet
-from backbone.train import resolve_device
+from backbone.models.resnet import build_resnet
+from backbone.training.loop import resolve_device
 from experiments.common import write_json
 
 
@@ -159,8 +159,8 @@ def bench_train(arch: str, batch: int, device, steps: int, seed: int = 0) -> dic
     """Training images/s with the project's data path (uint8 dataset on the device, batches cut,
     augmented and normalised there) vs the same steps on one batch already prepared on the device.
     Target: ratio ≥ 0.8, i.e. the data path is never the bottleneck."""
-    from backbone.batching import BatchLoader
-    from backbone.train import TrainConfig, build_optimizer
+    from backbone.data.batching import BatchLoader
+    from backbone.training.loop import TrainConfig, build_optimizer
 
     dataset = make_synthetic(batch * (steps + 2), num_classes=10, seed=seed)
     model = build_resnet(arch, num_classes=10).to(device)
@@ -223,7 +223,7 @@ def bench_shortcut(device, warmup: int, repeats: int, width: int = 6, batch: int
     where oneDNN's faulty AVX2 kernel is not the one that would run)."""
     import copy
 
-    from backbone.resnet import PointwiseConv
+    from backbone.models.resnet import PointwiseConv
 
     safe_native = device.type != "cpu" or torch.backends.cpu.get_cpu_capability().startswith("AVX512")
     fixed = build_resnet(20, num_classes=100, shortcut="B", width=width).to(device)

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Callable
 
 from backbone.errors import CheckpointError, ConfigError, DyndepthError, OutputError
-from backbone.interrupt import Interrupted, clear_stop, install_signal_handlers
-from backbone.weights import write_atomically
+from backbone.training.interrupt import Interrupted, clear_stop, install_signal_handlers
+from backbone.models.weights import write_atomically
 from experiments.config import ExperimentConfig, dump_config, load_config, to_dict
 
 
@@ -90,7 +90,7 @@ def _config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 def write_json(path: Path, data: dict) -> None:
-    """Write JSON atomically (see ``backbone.weights.write_atomically``); a failed write is an
+    """Write JSON atomically (see ``backbone.models.weights.write_atomically``); a failed write is an
     ``OutputError`` naming the file."""
     text = json.dumps(data, indent=2) + "\n"  # a value JSON cannot hold fails before any file is made
     write_atomically(path, text.encode(), what="file", error=OutputError)
@@ -168,7 +168,7 @@ def cli(
     """Run ``main(args)``; a ``DyndepthError`` becomes one line on stderr and exit status 2.
 
     SIGINT (Ctrl-C) and SIGTERM stop a training loop at its next step after a checkpoint
-    (``backbone.interrupt``); the exit status is then 130 and ``--resume`` continues the run.
+    (``backbone.training.interrupt``); the exit status is then 130 and ``--resume`` continues the run.
     """
     args = parser.parse_args(argv)
     clear_stop()

@@ -19,12 +19,12 @@ import torch
 
 from agents.gates import evaluate_gates, load_gated, train_gates
 from backbone.baselines import fixed_mask_accuracy, greedy_fixed_subset, masked_accuracy, random_keep_masks, static_depth_for_flops
-from backbone.cost import measure_backbone_cost
-from backbone.data import Splits, load_splits
+from backbone.models.cost import measure_backbone_cost
+from backbone.data.datasets import Splits, load_splits
 from backbone.errors import ConfigError
-from backbone.resnet import build_resnet
-from backbone.train import evaluate, resolve_device, train
-from backbone.weights import load_checkpoint, load_model, save_checkpoint
+from backbone.models.resnet import build_resnet
+from backbone.training.loop import evaluate, resolve_device, train
+from backbone.models.weights import load_checkpoint, load_model, save_checkpoint
 from experiments.common import cli, config_from_args, experiment_parser, finished_stage, tensorboard_writer, update_metrics
 from experiments.config import ExperimentConfig
 from experiments.pretrain import backbone_path, load_backbone

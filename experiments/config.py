@@ -18,10 +18,10 @@ import yaml
 from agents.gates import GateConfig
 from agents.joint import FinetuneConfig
 from agents.rl import PolicyConfig
-from backbone.data import DataConfig
+from backbone.data.datasets import DataConfig
 from backbone.errors import ConfigError
-from backbone.resnet import NORMALIZATION, SHORTCUTS, parse_depth
-from backbone.train import TrainConfig
+from backbone.models.resnet import NORMALIZATION, SHORTCUTS, parse_depth
+from backbone.training.loop import TrainConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 

@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 
 from agents.evaluation import evaluate_policy_on, policy_flops, policy_keep_masks
-from backbone.cost import median_times
-from backbone.data import load_splits
+from backbone.models.cost import median_times
+from backbone.data.datasets import load_splits
 from backbone.errors import ConfigError
-from backbone.train import resolve_device
-from backbone.weights import load_model
+from backbone.training.loop import resolve_device
+from backbone.models.weights import load_model
 from envs.block_skip import SkipTask
 from experiments.common import cli, load_policy, update_metrics
 from experiments.config import load_config

@@ -16,10 +16,10 @@ import torch
 from agents.joint import joint_finetune
 from agents.callbacks import save_atomic
 from agents.evaluation import evaluate_policy_on, policy_flops
-from backbone.data import Splits, load_splits
+from backbone.data.datasets import Splits, load_splits
 from backbone.errors import ConfigError
-from backbone.train import resolve_device
-from backbone.weights import save_checkpoint
+from backbone.training.loop import resolve_device
+from backbone.models.weights import save_checkpoint
 from envs.block_skip import SkipTask
 from experiments.common import (
     cli,

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from backbone.batching import BatchLoader
-from backbone.data import make_synthetic
-from backbone.resnet import build_resnet
+from backbone.data.batching import BatchLoader
+from backbone.data.datasets import make_synthetic
+from backbone.models.resnet import build_resnet
 from experiments.common import write_json
 
 

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import torch
 
-from backbone.cost import measure_backbone_cost
-from backbone.data import Splits, load_splits
-from backbone.resnet import CifarResNet, build_resnet
-from backbone.train import predict, resolve_device, scores, train
-from backbone.weights import load_model, load_weights, save_checkpoint
+from backbone.models.cost import measure_backbone_cost
+from backbone.data.datasets import Splits, load_splits
+from backbone.models.resnet import CifarResNet, build_resnet
+from backbone.training.loop import predict, resolve_device, scores, train
+from backbone.models.weights import load_model, load_weights, save_checkpoint
 from experiments.common import (
     cli,
     config_from_args,

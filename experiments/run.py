@@ -13,8 +13,8 @@ import dataclasses
 import statistics
 from pathlib import Path
 
-from backbone.data import Splits, load_splits
-from backbone.train import resolve_device
+from backbone.data.datasets import Splits, load_splits
+from backbone.training.loop import resolve_device
 from experiments.common import (
     cli,
     config_from_args,

@@ -17,10 +17,10 @@ import torch
 from agents.callbacks import save_atomic
 from agents.evaluation import evaluate_policy_on
 from agents.rl import train_policy
-from backbone.data import ImageDataset, Splits, load_splits, split_train_val
+from backbone.data.datasets import ImageDataset, Splits, load_splits, split_train_val
 from backbone.errors import ConfigError
-from backbone.resnet import CifarResNet
-from backbone.train import evaluate, resolve_device
+from backbone.models.resnet import CifarResNet
+from backbone.training.loop import evaluate, resolve_device
 from envs.block_skip import SkipTask
 from experiments.common import cli, config_from_args, experiment_parser, finished_stage, prepare_output_dir, update_metrics
 from experiments.config import ExperimentConfig

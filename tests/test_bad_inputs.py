@@ -28,8 +28,8 @@ import torch
 import yaml
 
 from backbone.errors import DyndepthError
-from backbone.resnet import build_resnet
-from backbone.weights import save_checkpoint
+from backbone.models.resnet import build_resnet
+from backbone.models.weights import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = """

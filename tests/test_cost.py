@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from backbone import build_resnet
-from backbone.cost import count_flops, measure_backbone_cost
+from backbone.models.cost import count_flops, measure_backbone_cost
 
 
 @pytest.mark.parametrize("shortcut", ["A", "B"])

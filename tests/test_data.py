@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torchvision.io import encode_jpeg, write_png
 
-from backbone import data
-from backbone.batching import BatchLoader, augment_batch
-from backbone.data import (
+from backbone.data import datasets as data
+from backbone.data.batching import BatchLoader, augment_batch
+from backbone.data.datasets import (
     ImageDataset,
     load_cifar,
     load_dataset,

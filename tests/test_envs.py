@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from backbone.data import make_synthetic
+from backbone.data.datasets import make_synthetic
 from backbone.errors import ConfigError
-from backbone.resnet import build_resnet
-from backbone.weights import save_checkpoint
+from backbone.models.resnet import build_resnet
+from backbone.models.weights import save_checkpoint
 from envs import BlockSkipEnv, BlockSkipSeqEnv, RewardConfig, SkipTask, block_cost, episode_reward  # registers the ids
 
 DATA = {"name": "synthetic", "train_size": 64, "test_size": 32, "num_classes": 4}

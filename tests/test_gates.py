@@ -6,11 +6,11 @@ import torch.nn as nn
 
 from agents.gates import GateConfig, GatedResNet, evaluate_gates, load_gated, train_gates
 from backbone import build_resnet
-from backbone.cost import measure_backbone_cost
-from backbone.data import make_synthetic
+from backbone.models.cost import measure_backbone_cost
+from backbone.data.datasets import make_synthetic
 from backbone.errors import ConfigError
-from backbone.train import TrainConfig
-from backbone.weights import load_checkpoint, save_checkpoint
+from backbone.training.loop import TrainConfig
+from backbone.models.weights import load_checkpoint, save_checkpoint
 
 
 @pytest.fixture(scope="module")

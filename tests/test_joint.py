@@ -8,10 +8,10 @@ import torch
 from agents.joint import FinetuneConfig, PolicyBackbone, PolicyGradientStep, joint_finetune
 from agents.rl import PolicyConfig, build_model, make_vec_env
 from backbone import build_resnet
-from backbone.data import make_synthetic, split_train_val
+from backbone.data.datasets import make_synthetic, split_train_val
 from backbone.errors import ConfigError
-from backbone.interrupt import Interrupted, clear_stop, request_stop
-from backbone.weights import load_checkpoint
+from backbone.training.interrupt import Interrupted, clear_stop, request_stop
+from backbone.models.weights import load_checkpoint
 from envs.block_skip import SkipTask
 from envs.rewards import RewardConfig
 

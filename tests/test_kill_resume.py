@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from backbone.weights import load_checkpoint
+from backbone.models.weights import load_checkpoint
 from test_pipeline import TINY as TINY_STUDY
 
 ROOT = Path(__file__).resolve().parents[1]

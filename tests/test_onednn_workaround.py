@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from backbone import build_resnet
-from backbone.resnet import PointwiseConv
+from backbone.models.resnet import PointwiseConv
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -60,7 +60,7 @@ def test_every_stage_and_baseline_is_in_the_report(study):
 def test_fine_tuned_pair_is_saved_and_loadable(study):
     from stable_baselines3 import PPO
 
-    from backbone.weights import load_model
+    from backbone.models.weights import load_model
 
     run_dir = study[0] / "runs" / "tiny"
     assert load_model(run_dir / "finetune" / "backbone.pt").num_blocks == 3

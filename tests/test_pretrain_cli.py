@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from backbone.weights import load_model
+from backbone.models.weights import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = """

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from backbone import build_resnet
-from backbone.data import DataConfig, load_splits
-from backbone.train import TrainConfig, evaluate, train
-from backbone.weights import load_weights
+from backbone.data.datasets import DataConfig, load_splits
+from backbone.training.loop import TrainConfig, evaluate, train
+from backbone.models.weights import load_weights
 
 pytestmark = pytest.mark.realdata
 ROOT = Path(__file__).resolve().parents[1]

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from backbone import build_resnet
-from backbone.resnet import parse_depth
+from backbone.models.resnet import parse_depth
 
 
 def _random_bn(model):
@@ -136,7 +136,7 @@ def test_bad_masks_are_rejected():
 def test_shared_mask_runs_as_a_plain_shorter_network(monkeypatch):
     """A batch whose rows share one mask (batch 1, or a policy that settled on one mask) needs
     no gather/scatter: the kept blocks run on the whole batch, the others are skipped."""
-    import backbone.resnet as resnet
+    import backbone.models.resnet as resnet
 
     model = _random_bn(build_resnet(14, width=4)).eval()
     x = torch.rand(5, 3, 32, 32)
@@ -159,7 +159,7 @@ def test_shared_mask_runs_as_a_plain_shorter_network(monkeypatch):
 
 @pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
 def test_masked_blocks_keep_the_memory_format(layout):
-    from backbone.resnet import memory_format_of, run_block_masked
+    from backbone.models.resnet import memory_format_of, run_block_masked
 
     model = _random_bn(build_resnet(14, width=4)).to(memory_format=layout).eval()
     x = model.stem(torch.rand(4, 3, 32, 32))
@@ -183,7 +183,7 @@ def test_channels_last_and_nchw_models_agree():
 
 
 def test_inference_writes_in_place_but_never_into_the_callers_tensor():
-    from backbone.resnet import run_block_masked
+    from backbone.models.resnet import run_block_masked
 
     model = _random_bn(build_resnet(14, width=4)).eval()
     x = torch.rand(6, 3, 32, 32)

@@ -10,9 +10,9 @@ from agents.callbacks import TaskMetricsCallback
 from agents.evaluation import evaluate_policy_on, policy_flops
 from agents.rl import PolicyConfig, build_model, make_vec_env, train_policy
 from backbone import build_resnet
-from backbone.data import ImageDataset, make_synthetic
+from backbone.data.datasets import ImageDataset, make_synthetic
 from backbone.errors import ConfigError
-from backbone.interrupt import Interrupted, clear_stop, request_stop
+from backbone.training.interrupt import Interrupted, clear_stop, request_stop
 from envs.block_skip import SkipTask
 from envs.rewards import RewardConfig
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from backbone import build_resnet
-from backbone.data import ImageDataset, make_synthetic
+from backbone.data.datasets import ImageDataset, make_synthetic
 from backbone.errors import ConfigError
-from backbone.train import (
+from backbone.training.loop import (
     TrainConfig,
     build_optimizer,
     build_scheduler,
@@ -14,8 +14,8 @@ from backbone.train import (
     stochastic_depth_sampler,
     train,
 )
-from backbone.interrupt import Interrupted, clear_stop, request_stop
-from backbone.weights import load_checkpoint
+from backbone.training.interrupt import Interrupted, clear_stop, request_stop
+from backbone.models.weights import load_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +206,7 @@ def test_bad_train_config(bad, match):
 
 
 def test_nan_loss_stops_and_keeps_checkpoint(tiny_data, tmp_path, monkeypatch):
-    import backbone.train as train_module
+    import backbone.training.loop as train_module
 
     train_set, _ = tiny_data
     model = build_resnet(8, num_classes=4, width=4)

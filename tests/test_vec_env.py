@@ -6,8 +6,8 @@ import torch
 from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.vec_env import DummyVecEnv, VecMonitor
 
-from backbone.data import make_synthetic
-from backbone.resnet import build_resnet
+from backbone.data.datasets import make_synthetic
+from backbone.models.resnet import build_resnet
 from envs import BlockSkipEnv, BlockSkipSeqEnv, BlockSkipSeqVecEnv, BlockSkipVecEnv, RewardConfig, SkipTask
 
 N = 6

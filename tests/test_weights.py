@@ -13,8 +13,8 @@ import torch
 import torch.nn as nn
 
 from backbone.errors import CheckpointError
-from backbone.resnet import build_resnet
-from backbone.weights import infer_arch, load_checkpoint, load_model, load_weights, save_checkpoint
+from backbone.models.resnet import build_resnet
+from backbone.models.weights import infer_arch, load_checkpoint, load_model, load_weights, save_checkpoint
 
 INPUT = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from backbone.resnet import CifarResNet, check_keep_mask
+from backbone.models.resnet import CifarResNet, check_keep_mask
 
 
 def count_flops(fn: Callable[[], object]) -> int:

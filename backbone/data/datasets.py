@@ -1,4 +1,4 @@
-"""Image datasets as in-memory uint8 tensors (batching and augmentation on the device: ``backbone.batching``).
+"""Image datasets as in-memory uint8 tensors (batching and augmentation on the device: ``backbone.data.batching``).
 
 Sources: a built-in synthetic shape dataset (offline, with a known difficulty per image),
 CIFAR-10/100 (the standard python-pickle folders) and ImageFolder trees of JPEG/PNG files
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from backbone.errors import ConfigError, DatasetError
-from backbone.synthetic import SHAPES, render_synthetic
+from backbone.data.synthetic import SHAPES, render_synthetic
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class ImageDataset:
 def make_synthetic(
     num_images: int, num_classes: int = 10, image_size: int = 32, seed: int = 0, difficulty_levels: int = 4
 ) -> ImageDataset:
-    """The built-in synthetic dataset (arguments: ``backbone.synthetic.render_synthetic``)."""
+    """The built-in synthetic dataset (arguments: ``backbone.data.synthetic.render_synthetic``)."""
     images, labels, difficulty, classes = render_synthetic(num_images, num_classes, image_size, seed, difficulty_levels)
     return ImageDataset(images, labels, classes, difficulty, "synthetic")
 

@@ -1,6 +1,6 @@
 """Graceful stops: Ctrl-C (SIGINT) and SIGTERM end a run at the next safe point, after a checkpoint.
 
-The long loops (``backbone.train.train``, the SB3 callbacks of ``agents.rl``) run inside
+The long loops (``backbone.training.loop.train``, the SB3 callbacks of ``agents.rl``) run inside
 :func:`deferred_stop`: a signal there only sets a flag, which the loop checks after each step; it
 then saves a checkpoint and raises :class:`Interrupted` (PPO waits for the end of its rollout, where
 its state is complete). Outside such a loop (loading data,

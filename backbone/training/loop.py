@@ -5,7 +5,7 @@ Used for backbone pretraining, for the static baselines (same recipe, other dept
 Checkpoints (written atomically) hold everything the run needs to continue: weights, optimiser,
 schedule, RNG states, the running sums of a part-done epoch and the ``after_step`` hook's own
 state. They are written at the end of every epoch, every ``checkpoint_every_s`` seconds inside
-one, and when SIGINT/SIGTERM asks the run to stop (see ``backbone.interrupt``). The data order
+one, and when SIGINT/SIGTERM asks the run to stop (see ``backbone.training.interrupt``). The data order
 and augmentation of epoch ``k`` / batch ``i`` are functions of ``(seed, k, i)``, so on the CPU a
 run resumed with ``resume=True`` after a kill at any point ends bit-identical to one never
 interrupted.
@@ -24,12 +24,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from backbone.batching import BatchLoader
-from backbone.data import ImageDataset
+from backbone.data.batching import BatchLoader
+from backbone.data.datasets import ImageDataset
 from backbone.errors import ConfigError, DyndepthError
-from backbone.interrupt import Interrupted, deferred_stop, stop_requested
-from backbone.resnet import CifarResNet
-from backbone.weights import load_checkpoint, save_checkpoint
+from backbone.training.interrupt import Interrupted, deferred_stop, stop_requested
+from backbone.models.resnet import CifarResNet
+from backbone.models.weights import load_checkpoint, save_checkpoint
 
 #: ``mask_sampler(images, labels, generator) -> keep_mask or None`` picks the blocks of a batch.
 MaskSampler = Callable[[torch.Tensor, torch.Tensor, torch.Generator], "torch.Tensor | None"]

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from backbone.data import ImageDataset
+from backbone.data.datasets import ImageDataset
 
 
 def augment_batch(

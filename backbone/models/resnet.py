@@ -7,7 +7,7 @@ downsampling block its strided shortcut). Skipped rows therefore cost nothing, u
 "compute then multiply by the mask".
 
 Module names follow the published CIFAR-ResNet layout (``conv1``, ``bn1``, ``layer{1,2,3}.{i}``,
-``fc``) so that public state dicts load with little renaming (see ``backbone.weights``).
+``fc``) so that public state dicts load with little renaming (see ``backbone.models.weights``).
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from backbone.errors import CheckpointError, DyndepthError
-from backbone.resnet import CifarResNet
+from backbone.models.resnet import CifarResNet
 
 FORMAT = "dyndepth"
 VERSION = 1
@@ -162,7 +162,7 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
             call = "build_resnet(...)"
         raise CheckpointError(
             f"{path} is not a dyndepth checkpoint, so it does not say which network to build; build "
-            f"the model with backbone.resnet.{call} and call backbone.weights.load_weights(model, path)"
+            f"the model with backbone.models.resnet.{call} and call backbone.models.weights.load_weights(model, path)"
         )
     arch = checkpoint.get("arch")
     try:
