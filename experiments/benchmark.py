@@ -225,7 +225,7 @@ def bench_shortcut(device, warmup: int, repeats: int, width: int = 6, batch: int
 
     from backbone.models.resnet import PointwiseConv
 
-    safe_native = device.type != "cpu" or torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    safe_native = device.type != "cpu" or onednn_runs_avx512()
     fixed = build_resnet(20, num_classes=100, shortcut="B", width=width).to(device)
     native = copy.deepcopy(fixed)
     for block in native.blocks:
@@ -250,11 +250,21 @@ def bench_shortcut(device, warmup: int, repeats: int, width: int = 6, batch: int
              "slowdown": r["workaround"] / r["native"], "native_backward_timed": safe_native} for r in records]
 
 
+def onednn_runs_avx512() -> bool:
+    """Whether oneDNN's AVX-512 kernels run here: the CPU has them (ATen's capability) and no
+    ``ONEDNN_MAX_CPU_ISA`` / ``DNNL_MAX_CPU_ISA`` caps oneDNN below them."""
+    import os
+
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
+    uncapped = cap == "ALL" or cap.startswith(("AVX512", "AVX10", "AMX"))
+    return uncapped and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
 def cpu_info() -> dict:
     """CPU model and the ISA extensions that decide which oneDNN kernels run (lscpu on Linux), so
     that figures from different machines can be told apart."""
     info = {"machine": platform.machine(), "aten_capability": torch.backends.cpu.get_cpu_capability(),
-            "threads": torch.get_num_threads()}
+            "onednn_avx512": onednn_runs_avx512(), "threads": torch.get_num_threads()}
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
