@@ -123,7 +123,7 @@ def run_block_masked(
     ``gate`` (optional) holds the differentiable gate values of the kept rows. The result keeps
     ``x``'s memory format. ``inplace``: an identity-shortcut block may write its kept rows into
     ``x`` itself (saves a full copy; only for an intermediate nobody else needs, without autograd).
-    ``call(block, x, gate)`` runs the block (default: eagerly; see ``CifarResNet.compile_blocks``).
+    ``call(block, x, gate)`` runs the block (default: eagerly; see ``SkippableResNet.compile_blocks``).
     """
     call = call or call_block
     if skip_rows.numel() == 0:
@@ -159,7 +159,7 @@ def _put_rows(out: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> to
 
 
 def call_block(block: BasicBlock, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
-    """``block(x, gate)``: the unit that ``CifarResNet.compile_blocks`` compiles."""
+    """``block(x, gate)``: the unit that ``SkippableResNet.compile_blocks`` compiles."""
     return block(x, gate)
 
 
@@ -170,7 +170,101 @@ def memory_format_of(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-class CifarResNet(nn.Module):
+class SkippableResNet(nn.Module):
+    """Base of the skippable backbones: ``stem`` → ``blocks`` (one flat, indexable sequence of
+    residual blocks, each with ``skip`` and ``downsamples``) → ``head``.
+
+    Subclasses set ``self._blocks`` (a tuple), ``self.arch`` (a dict with at least
+    ``num_classes``) and define ``stem`` and ``head``; the masked forward, the block runner and
+    ``compile_blocks`` are shared, so every model kind really skips in the same way.
+    """
+
+    _blocks: tuple[nn.Module, ...] = ()
+    _call_block: Callable[..., torch.Tensor] = staticmethod(call_block)
+    arch: dict
+
+    def compile_blocks(self, enabled: bool = True, **compile_kwargs) -> SkippableResNet:
+        """Run every block through ``torch.compile`` (``enabled=False``: eagerly again); returns self.
+
+        Blocks, not the whole forward, are compiled because a masked forward sends a different
+        number of rows through each block. With ``dynamic=True`` one graph per stage and block
+        kind serves every row count, so varying masks need neither recompiles nor bucketing.
+        Batch 1 and the two layouts a one-row tensor can have add specialised graphs, up to ~20
+        in all, independent of depth; dynamo's default limit (8) would send the rest back to
+        eager, hence the raised limit. ``compile_kwargs`` go to ``torch.compile`` (e.g. ``mode``).
+        """
+        if not enabled:
+            self._call_block = call_block
+            return self
+        dynamo_config = torch._dynamo.config
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
+        self._call_block = torch.compile(call_block, **{"dynamic": True, **compile_kwargs})
+        return self
+
+    @property
+    def blocks(self) -> tuple[nn.Module, ...]:
+        return self._blocks
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self._blocks)
+
+    @property
+    def num_classes(self) -> int:
+        return self.arch["num_classes"]
+
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, keep_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits for images ``x`` (batch, 3, H, W), uint8 or float in [0, 1].
+
+        ``keep_mask``: optional (batch, num_blocks) bool or 0/1 tensor; row ``r`` runs block ``i``
+        only where ``keep_mask[r, i]`` is set. A floating mask that requires grad acts as a
+        hard differentiable gate: kept rows multiply their residual by it (value 1), so its
+        gradient flows; skipped rows have no residual and get no gradient.
+        """
+        return self.head(self.run_blocks(self.stem(x), keep_mask))
+
+    def run_blocks(self, x: torch.Tensor, keep_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The blocks on the stem's output ``x``, each on the rows of ``keep_mask`` that keep it
+        (all rows when ``keep_mask`` is None): what a policy that looks at the stem's output
+        calls after deciding, so the stem runs once."""
+        call = self._call_block
+        if keep_mask is None:
+            for block in self._blocks:
+                x = call(block, x)
+            return x
+        keep_cpu = check_keep_mask(keep_mask, x.shape[0], self.num_blocks)
+        with_gate = keep_mask.is_floating_point() and keep_mask.requires_grad
+        # Decided on the host for all blocks at once: a block that every row (or no row) keeps
+        # runs on the whole batch as it is (or is skipped), with no index work at all. So a
+        # batch that shares one mask (batch 1, or a policy that settled on one mask) runs as a
+        # plain shorter network, and with a few distinct masks only the blocks they disagree
+        # on pay for a gather and a scatter.
+        kept_by_all, kept_by_none = keep_cpu.all(0).tolist(), (~keep_cpu.any(0)).tolist()
+        device = x.device
+        for i, block in enumerate(self._blocks):
+            if kept_by_none[i]:
+                if block.downsamples:  # an identity shortcut needs no call at all
+                    x = block.skip(x)
+            elif kept_by_all[i]:
+                x = call(block, x, keep_mask[:, i] if with_gate else None)
+            else:
+                column = keep_cpu[:, i]
+                keep_rows = column.nonzero().squeeze(1).to(device, non_blocking=True)
+                skip_rows = (~column).nonzero().squeeze(1).to(device, non_blocking=True)
+                gate = keep_mask[keep_rows, i] if with_gate else None
+                # x is this forward's own intermediate: without autograd it may be overwritten.
+                inplace = not (torch.is_grad_enabled() and x.requires_grad)
+                x = run_block_masked(block, x, keep_rows, skip_rows, gate, inplace, call)
+        return x
+
+
+class CifarResNet(SkippableResNet):
     """ResNet for 32x32 inputs: stem, three stages of ``n`` basic blocks, global pool, linear."""
 
     def __init__(
@@ -219,7 +313,6 @@ class CifarResNet(nn.Module):
         # A plain tuple, not a ModuleList: the blocks are already registered under layer{1,2,3},
         # and a second registration would duplicate every key in the state dict.
         self._blocks = tuple(self.layer1) + tuple(self.layer2) + tuple(self.layer3)
-        self._call_block = call_block
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -238,39 +331,9 @@ class CifarResNet(nn.Module):
         # model.to(memory_format=torch.contiguous_format) switches back.
         self.to(memory_format=torch.channels_last)
 
-    def compile_blocks(self, enabled: bool = True, **compile_kwargs) -> CifarResNet:
-        """Run every block through ``torch.compile`` (``enabled=False``: eagerly again); returns self.
-
-        Blocks, not the whole forward, are compiled because a masked forward sends a different
-        number of rows through each block. With ``dynamic=True`` one graph per stage and block
-        kind serves every row count, so varying masks need neither recompiles nor bucketing.
-        Batch 1 and the two layouts a one-row tensor can have add specialised graphs, up to ~20
-        in all, independent of depth; dynamo's default limit (8) would send the rest back to
-        eager, hence the raised limit. ``compile_kwargs`` go to ``torch.compile`` (e.g. ``mode``).
-        """
-        if not enabled:
-            self._call_block = call_block
-            return self
-        dynamo_config = torch._dynamo.config
-        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
-        self._call_block = torch.compile(call_block, **{"dynamic": True, **compile_kwargs})
-        return self
-
-    @property
-    def blocks(self) -> tuple[BasicBlock, ...]:
-        return self._blocks
-
-    @property
-    def num_blocks(self) -> int:
-        return len(self._blocks)
-
     @property
     def depth(self) -> int:
         return self.arch["depth"]
-
-    @property
-    def num_classes(self) -> int:
-        return self.arch["num_classes"]
 
     def stem(self, x: torch.Tensor) -> torch.Tensor:
         """Normalise the input (uint8 or float in [0, 1]) and apply the first convolution."""
@@ -284,51 +347,11 @@ class CifarResNet(nn.Module):
     def head(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
-    def forward(self, x: torch.Tensor, keep_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits for images ``x`` (batch, 3, H, W).
-
-        ``keep_mask``: optional (batch, num_blocks) bool or 0/1 tensor; row ``r`` runs block ``i``
-        only where ``keep_mask[r, i]`` is set. A floating mask that requires grad acts as a
-        hard differentiable gate: kept rows multiply their residual by it (value 1), so its
-        gradient flows; skipped rows have no residual and get no gradient.
-        """
-        x = self.stem(x)
-        call = self._call_block
-        if keep_mask is None:
-            for block in self._blocks:
-                x = call(block, x)
-            return self.head(x)
-        keep_cpu = check_keep_mask(keep_mask, x.shape[0], self.num_blocks)
-        with_gate = keep_mask.is_floating_point() and keep_mask.requires_grad
-        # Decided on the host for all blocks at once: a block that every row (or no row) keeps
-        # runs on the whole batch as it is (or is skipped), with no index work at all. So a
-        # batch that shares one mask (batch 1, or a policy that settled on one mask) runs as a
-        # plain shorter network, and with a few distinct masks only the blocks they disagree
-        # on pay for a gather and a scatter.
-        kept_by_all, kept_by_none = keep_cpu.all(0).tolist(), (~keep_cpu.any(0)).tolist()
-        device = x.device
-        for i, block in enumerate(self._blocks):
-            if kept_by_none[i]:
-                if block.downsamples:  # an identity shortcut needs no call at all
-                    x = block.skip(x)
-            elif kept_by_all[i]:
-                x = call(block, x, keep_mask[:, i] if with_gate else None)
-            else:
-                column = keep_cpu[:, i]
-                keep_rows = column.nonzero().squeeze(1).to(device, non_blocking=True)
-                skip_rows = (~column).nonzero().squeeze(1).to(device, non_blocking=True)
-                gate = keep_mask[keep_rows, i] if with_gate else None
-                # x is this forward's own intermediate: without autograd it may be overwritten.
-                inplace = not (torch.is_grad_enabled() and x.requires_grad)
-                x = run_block_masked(block, x, keep_rows, skip_rows, gate, inplace, call)
-        return self.head(x)
-
-
 class BackboneWrapper(nn.Module):
-    """Base of modules that wrap a ``CifarResNet`` as ``self.backbone`` (gated model, policy +
+    """Base of modules that wrap a skippable backbone as ``self.backbone`` (gated model, policy +
     backbone pair) and expose what the training loop needs of it."""
 
-    backbone: CifarResNet
+    backbone: SkippableResNet
 
     @property
     def num_blocks(self) -> int:
