@@ -1,12 +1,14 @@
 """Residual CNN backbones whose blocks can be skipped per sample, their data and their training.
 
-Sub-packages: ``backbone.models`` (skippable ResNets, costs, weights), ``backbone.data``
-(datasets and device batching), ``backbone.training`` (the one training loop, interrupts).
+Sub-packages: ``backbone.models`` (skippable CIFAR and torchvision ResNets, costs, weights),
+``backbone.data`` (datasets, device batching, streamed loading), ``backbone.training`` (the one
+training loop, interrupts).
 """
 
 from backbone.errors import CheckpointError, ConfigError, DatasetError, DyndepthError
 from backbone.models.cost import measure_backbone_cost
 from backbone.models.resnet import NORMALIZATION, BasicBlock, CifarResNet, build_resnet
+from backbone.models.torchvision_resnet import TorchvisionResNet, build_backbone, build_torchvision_resnet
 from backbone.models.weights import load_model, load_weights
 
 __all__ = [
@@ -17,7 +19,10 @@ __all__ = [
     "DatasetError",
     "DyndepthError",
     "NORMALIZATION",
+    "TorchvisionResNet",
+    "build_backbone",
     "build_resnet",
+    "build_torchvision_resnet",
     "load_model",
     "load_weights",
     "measure_backbone_cost",

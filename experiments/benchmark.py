@@ -15,6 +15,10 @@ trained policy tends to produce). Batches smaller than 16 run as a stream of cal
 own masks, so batch 1 measures the mask kind rather than one draw. Peak memory: see
 ``backbone.models.cost.peak_memory_mb`` (CPU: the process's peak resident memory during the call).
 
+ImageNet scale: ``--arch tv_resnet50 --bench skipping`` runs torchvision's ResNet-50 (16 blocks)
+at 224 px, the family's size (``--image-size`` overrides it), at batch 1 and 32 unless ``--batch``
+says otherwise; the other benches use the CIFAR archs of ``--arch`` and are skipped without one.
+
 ``--bench layout`` times the default channels_last layout against NCHW (forward and a training
 step). ``--bench shortcut`` measures what the oneDNN AVX2 workaround (``backbone.models.resnet.PointwiseConv``)
 costs a narrow option-B network against the plain strided convolution (whose weight gradient is
@@ -34,6 +38,7 @@ from backbone.models.cost import measure_backbone_cost, median_times, peak_memor
 from backbone.data.datasets import make_synthetic
 from backbone.errors import ConfigError
 from backbone.models.resnet import build_resnet
+from backbone.models.torchvision_resnet import build_backbone, is_torchvision_name, parse_torchvision_name
 from backbone.training.loop import resolve_device
 from experiments.common import write_json
 
@@ -58,11 +63,15 @@ IMAGES_PER_CALL = 16
 
 
 def bench_skipping(arch: str, batch: int, keep_rates, mask_kinds, device, warmup: int, repeats: int, seed: int = 0,
-                   amp: bool = False, compile_blocks: bool = False):
-    model = build_resnet(arch, num_classes=100).to(device).eval().compile_blocks(compile_blocks)
-    cost = measure_backbone_cost(model)
+                   amp: bool = False, compile_blocks: bool = False, image_size: int | None = None):
+    """Masked vs full forward of ``arch`` (a CIFAR ResNet, 100 classes, or ``tv_resnet50`` …, 1000
+    classes) on ``image_size`` pixels (default: the family's, 32 or 224)."""
+    num_classes = 1000 if is_torchvision_name(arch) else 100
+    model = build_backbone(arch, num_classes).to(device).eval().compile_blocks(compile_blocks)
+    image_size = image_size or getattr(model, "default_image_size", 32)
+    cost = measure_backbone_cost(model, image_size)
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, generator=gen).to(device)
+    x = torch.randint(0, 256, (batch, 3, image_size, image_size), dtype=torch.uint8, generator=gen).to(device)
     calls = max(1, IMAGES_PER_CALL // batch)
     masks = {
         (k, p): make_masks(k, batch * calls, model.num_blocks, p, gen).to(device).split(batch)
@@ -83,6 +92,7 @@ def bench_skipping(arch: str, batch: int, keep_rates, mask_kinds, device, warmup
             "bench": "skipping",
             "device": device_name(device),
             "arch": arch,
+            "image_size": image_size,
             "batch": batch,
             "keep_rate": keep_rate,
             "mask_kind": kind,
@@ -286,13 +296,13 @@ def device_name(device: torch.device) -> str:
 
 
 def print_table(records: list[dict]) -> None:
-    header = (f"{'arch':<10}{'batch':>6}{'mask':>10}{'keep':>6}{'full ms':>10}{'masked ms':>11}{'time frac':>10}"
+    header = (f"{'arch':<12}{'batch':>6}{'mask':>10}{'keep':>6}{'full ms':>10}{'masked ms':>11}{'time frac':>10}"
               f"{'FLOPs ratio':>12}{'time ratio':>11}{'efficiency':>11}{'peak MiB full/masked':>22}")
     print(header)
     print("-" * len(header))
     for r in records:
         print(
-            f"{r['arch']:<10}{r['batch']:>6}{r['mask_kind']:>10}{r['keep_rate']:>6.2f}{r['time_full_ms']:>10.1f}"
+            f"{r['arch']:<12}{r['batch']:>6}{r['mask_kind']:>10}{r['keep_rate']:>6.2f}{r['time_full_ms']:>10.1f}"
             f"{r['time_masked_ms']:>11.1f}{r['time_fraction']:>10.3f}{r['flops_ratio']:>12.2f}"
             f"{r['time_ratio']:>11.2f}{r['efficiency']:>11.2f}{_mib(r['peak_memory_full_mb']):>11}/{_mib(r['peak_memory_masked_mb']):<10}"
         )
@@ -314,6 +324,8 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="ResNet-56 only, fewer repeats")
     parser.add_argument("--amp", action="store_true", help="skipping cases under bf16 autocast (CUDA)")
     parser.add_argument("--compile", action="store_true", help="skipping cases with torch.compile'd blocks (compile_blocks)")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="skipping cases' input size (default: the family's, 32 CIFAR / 224 torchvision)")
     parser.add_argument("--json", type=Path, default=None, help="write the records to this file")
     parser.add_argument("--bench", nargs="+", default=["skipping", "env", "train", "layout", "shortcut"],
                         choices=["skipping", "env", "train", "layout", "shortcut"],
@@ -324,6 +336,8 @@ def main(argv=None) -> None:
         device = resolve_device(args.device)
         if any(not 0 < p <= 1 for p in args.keep) or any(b < 1 for b in args.batch or [1]):
             raise ConfigError("keep rates must be in (0, 1] and batch sizes >= 1")
+        for arch in filter(is_torchvision_name, args.arch):
+            parse_torchvision_name(arch)  # a bad name fails now, not after the first cases
     except ConfigError as exc:
         parser.error(str(exc))
     archs = ["resnet56"] if args.quick else args.arch
@@ -331,12 +345,19 @@ def main(argv=None) -> None:
     records = []
     if "skipping" in args.bench:
         for arch in archs:
-            for batch in batches:
-                repeats = args.repeats or (20 if batch == 1 else 5) // (2 if args.quick else 1)
+            imagenet = is_torchvision_name(arch)  # ~0.1-1 s per 224 px image on a CPU: fewer, smaller cases
+            for batch in args.batch or ([1, 32] if imagenet else batches):
+                repeats = args.repeats or (3 if imagenet else (20 if batch == 1 else 5) // (2 if args.quick else 1))
                 records += bench_skipping(arch, batch, args.keep, args.masks, device, args.warmup, max(repeats, 3),
-                                          amp=args.amp, compile_blocks=args.compile)
+                                          amp=args.amp, compile_blocks=args.compile, image_size=args.image_size)
                 print(f"done: {arch} batch {batch}", flush=True)
         print_table(records)
+    # The other benches are about the CIFAR path (32 px data, the VecEnv, the oneDNN workaround).
+    archs = [a for a in archs if not is_torchvision_name(a)]
+    others = [b for b in args.bench if b not in ("skipping", "shortcut")]
+    if others and not archs:
+        print(f"skipped {', '.join(others)}: they need a CIFAR arch in --arch")
+        args.bench = [b for b in args.bench if b not in others]
     if "env" in args.bench:
         env_records = [bench_env(archs[0], max(batches), 0.5, device, args.warmup, args.repeats or 5)]
         print()

@@ -36,3 +36,15 @@ def test_resnet56_size_matches_the_paper():
     assert 0.84e6 < cost.total_params < 0.87e6
     assert 240e6 < cost.full_flops < 260e6
     assert cost.flops_ratio(torch.ones(1, 27)).item() == pytest.approx(1.0)
+
+
+def test_stem_params_are_all_but_blocks_and_classifier_for_both_families():
+    from backbone.models.cost import count_params
+    from backbone.models.torchvision_resnet import build_torchvision_resnet
+
+    cifar = build_resnet(14, shortcut="B", width=8)
+    assert measure_backbone_cost(cifar).stem_params == count_params(cifar.conv1) + count_params(cifar.bn1)
+    tv = build_torchvision_resnet("resnet18", num_classes=10)
+    cost = measure_backbone_cost(tv, image_size=64)
+    assert cost.stem_params == 64 * 3 * 7 * 7 + 2 * 64 and cost.total_params == count_params(tv)
+    assert cost.head_params == 512 * 10 + 10

@@ -27,7 +27,9 @@ from backbone.data.synthetic import SHAPES, render_synthetic
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("synthetic", "cifar10", "cifar100", "imagefolder")
+DATASETS = ("synthetic", "cifar10", "cifar100", "imagefolder", "streamed_imagefolder")
+#: Streamed from disk by ``backbone.data.streaming`` (ImageNet-sized ImageFolder trees), not held in memory.
+STREAMED_DATASETS = ("streamed_imagefolder",)
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 #: Synthetic split sizes used when ``load_dataset(..., synthetic_size=None)``.
@@ -276,23 +278,28 @@ def load_dataset(
     seed: int = 0,
     num_classes: int = 10,
     progress: bool = True,
+    image_size: int | None = None,
 ) -> ImageDataset:
     """The training (``train=True``) or test split of dataset ``name``, one of ``DATASETS``.
 
     ``root``: cifar: folder holding ``cifar-*-python`` (default ``data``); imagefolder: the tree
     (required). ``download``: cifar only. ``cache_dir``, ``progress``: imagefolder only.
-    ``synthetic_size``, ``seed``, ``num_classes``: synthetic only; the size defaults to
-    ``SYNTHETIC_SIZES``, and the splits use seeds ``2 * seed`` (train) and ``2 * seed + 1`` (test).
+    ``synthetic_size``, ``seed``, ``num_classes``, ``image_size`` (default 32): synthetic only; the size
+    defaults to ``SYNTHETIC_SIZES``, and the splits use seeds ``2 * seed`` (train) and ``2 * seed + 1`` (test).
+    A streamed dataset is not loaded into memory: see ``backbone.data.streaming.scan_imagefolder``.
     """
     if name == "synthetic":
         size = SYNTHETIC_SIZES["train" if train else "test"] if synthetic_size is None else synthetic_size
-        return make_synthetic(size, num_classes=num_classes, seed=2 * seed + (0 if train else 1))
+        return make_synthetic(size, num_classes=num_classes, image_size=image_size or 32, seed=2 * seed + (0 if train else 1))
     if name in CIFAR_LAYOUT:
         return load_cifar(name, "data" if root is None else root, train, download)
     if name == "imagefolder":
         if root is None:
             raise DatasetError("dataset 'imagefolder' needs a root folder holding train/ and test/")
         return load_imagefolder(root, train, cache_dir, progress)
+    if name in STREAMED_DATASETS:
+        raise DatasetError(f"dataset {name!r} streams from disk and is never loaded whole: list it with "
+                           "backbone.data.streaming.scan_imagefolder (or load_splits) and batch it with make_loader")
     raise DatasetError(f"unknown dataset {name!r}: expected one of {', '.join(DATASETS)}")
 
 
@@ -321,6 +328,11 @@ class DataConfig:
     the backbone never trains on it, so the policy can learn on images the backbone has not
     memorised. ``max_train_images``/``max_test_images`` take a stratified subset (quick CPU runs
     on real data). ``train_size``, ``test_size``, ``num_classes``, ``seed``: synthetic data only.
+
+    ``streamed_imagefolder``: an ImageFolder tree too large for memory (ImageNet: ``root/train`` and
+    ``root/val``), streamed by ``backbone.data.streaming``; ``image_size`` is its crop size (default
+    224) and ``num_workers`` its decoding processes. ``image_size`` also renders synthetic images at
+    that size (default 32); CIFAR and in-memory image folders keep their stored size.
     """
 
     name: str = "synthetic"
@@ -335,6 +347,13 @@ class DataConfig:
     num_classes: int = 10
     seed: int = 0
     cache_dir: str | None = None
+    image_size: int | None = None
+    num_workers: int = 4
+
+    @property
+    def streamed(self) -> bool:
+        """Whether the splits are files streamed from disk (``ImageFiles``), not in-memory images."""
+        return self.name in STREAMED_DATASETS
 
     def __post_init__(self) -> None:
         checks = [
@@ -344,6 +363,10 @@ class DataConfig:
             (1 <= self.num_classes <= len(SHAPES), f"data.num_classes must be in [1, {len(SHAPES)}]"),
             (all(n is None or n >= 1 for n in (self.max_train_images, self.max_test_images)),
              "data.max_train_images / max_test_images must be >= 1 (or null for all)"),
+            (self.image_size is None or self.image_size >= 8, f"data.image_size must be >= 8, got {self.image_size}"),
+            (self.image_size is None or self.name in ("synthetic", *STREAMED_DATASETS),
+             f"data.image_size applies to synthetic and streamed data only; {self.name} images keep their size"),
+            (self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -355,16 +378,28 @@ class Splits:
     """``train``: the backbone's training images; ``val``: held out of the training split;
     ``test``: the test split, for final evaluation only."""
 
-    train: ImageDataset
+    train: ImageDataset  # or, for a streamed dataset, backbone.data.streaming.ImageFiles
     val: ImageDataset
     test: ImageDataset
 
 
 def load_splits(cfg: DataConfig) -> Splits:
-    """Load train/val/test of ``cfg`` (decoding or generating once; cached where possible)."""
-    kwargs = dict(root=cfg.root, download=cfg.download, cache_dir=cfg.cache_dir, seed=cfg.seed, num_classes=cfg.num_classes)
-    full_train = load_dataset(cfg.name, train=True, synthetic_size=cfg.train_size, **kwargs)
-    test = load_dataset(cfg.name, train=False, synthetic_size=cfg.test_size, **kwargs)
+    """Load train/val/test of ``cfg`` (decoding or generating once; cached where possible).
+
+    For a streamed dataset (``cfg.streamed``) the splits are ``backbone.data.streaming.ImageFiles``
+    (file lists, split the same way); ``backbone.data.streaming.make_loader`` batches either kind.
+    """
+    if cfg.streamed:
+        from backbone.data.streaming import scan_imagefolder  # streaming imports this module
+
+        if cfg.root is None:
+            raise DatasetError(f"dataset {cfg.name!r} needs data.root, the folder holding train/ and val/")
+        full_train, test = scan_imagefolder(cfg.root, train=True), scan_imagefolder(cfg.root, train=False)
+    else:
+        kwargs = dict(root=cfg.root, download=cfg.download, cache_dir=cfg.cache_dir, seed=cfg.seed,
+                      num_classes=cfg.num_classes, image_size=cfg.image_size)
+        full_train = load_dataset(cfg.name, train=True, synthetic_size=cfg.train_size, **kwargs)
+        test = load_dataset(cfg.name, train=False, synthetic_size=cfg.test_size, **kwargs)
     full_train = _stratified_subset(full_train, cfg.max_train_images, cfg.split_seed)
     test = _stratified_subset(test, cfg.max_test_images, cfg.split_seed)
     train, val = split_train_val(full_train, cfg.val_fraction, cfg.split_seed)

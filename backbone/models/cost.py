@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from backbone.models.resnet import CifarResNet, check_keep_mask
+from backbone.models.resnet import SkippableResNet, check_keep_mask
 
 
 def count_flops(fn: Callable[[], object]) -> int:
@@ -89,8 +89,12 @@ class BackboneCost:
         }
 
 
-def measure_backbone_cost(model: CifarResNet, image_size: int = 32) -> BackboneCost:
-    """Measure every block on one image of size ``image_size`` by running it under FlopCounterMode."""
+def measure_backbone_cost(model: SkippableResNet, image_size: int | None = None) -> BackboneCost:
+    """Measure every block of ``model`` (any ``SkippableResNet``) on one image of ``image_size``
+    pixels square by running it under FlopCounterMode. ``image_size`` defaults to the model's
+    ``default_image_size`` (224 for torchvision ResNets), else 32 (CIFAR)."""
+    if image_size is None:
+        image_size = getattr(model, "default_image_size", 32)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -105,15 +109,18 @@ def measure_backbone_cost(model: CifarResNet, image_size: int = 32) -> BackboneC
             h = block(h)
         head_flops = count_flops(lambda: model.head(h))
     model.train(was_training)
-    stem_params = count_params(model.conv1) + count_params(model.bn1)
+    block_params = tuple(count_params(b) for b in model.blocks)
+    # The head is the classifier ``fc`` in every model kind; the stem is all the rest (conv1 and
+    # bn1 here), so no parameter is left uncounted whatever the stem's layers are called.
+    head_params = count_params(model.fc)
     return BackboneCost(
         stem_flops=stem_flops,
         head_flops=head_flops,
         block_flops=tuple(block_flops),
         skip_flops=tuple(skip_flops),
-        stem_params=stem_params,
-        head_params=count_params(model.fc),
-        block_params=tuple(count_params(b) for b in model.blocks),
+        stem_params=count_params(model) - head_params - sum(block_params),
+        head_params=head_params,
+        block_params=block_params,
     )
 
 

@@ -1,4 +1,4 @@
-"""Checkpoints: our own format, written atomically, and import of public CIFAR-ResNet weights.
+"""Checkpoints: our own format, written atomically, and import of public CIFAR-ResNet and torchvision weights.
 
 Our checkpoint is a plain dict that ``torch.load(..., weights_only=True)`` can read::
 
@@ -6,7 +6,9 @@ Our checkpoint is a plain dict that ``torch.load(..., weights_only=True)`` can r
 
 ``load_weights`` also takes the layouts public CIFAR ResNets are commonly published in (a bare
 state dict or one under "state_dict"/"model"; "module." prefixes; a "linear" classifier;
-"downsample" shortcuts) and explains a mismatch in terms of the architecture, not of key lists.
+"downsample" shortcuts), torchvision ResNet state dicts (``resnet50-*.pth``: keys as they are,
+into a ``TorchvisionResNet``), and explains a mismatch in terms of the architecture (depth,
+classes, family), not of key lists.
 """
 
 from __future__ import annotations
@@ -27,11 +29,14 @@ import torch
 import torch.nn as nn
 
 from backbone.errors import CheckpointError, DyndepthError
-from backbone.models.resnet import CifarResNet
+from backbone.models.resnet import CifarResNet, SkippableResNet
+from backbone.models.torchvision_resnet import ARCHS as TV_ARCHS
+from backbone.models.torchvision_resnet import TorchvisionResNet
 
 FORMAT = "dyndepth"
 VERSION = 1
-ARCH_FIELDS = ("depth", "num_classes", "shortcut", "width")
+ARCH_FIELDS = ("depth", "num_classes", "shortcut", "width")  # a CIFAR ResNet's arch
+TV_ARCH_FIELDS = ("name", "num_classes")  # a torchvision ResNet's, with "family": "torchvision"
 
 # Exact types, not isinstance: numpy.float64 subclasses float but pickles as a numpy global,
 # which weights_only loading refuses.
@@ -53,7 +58,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, **extra: Any) -> 
     """
     model = _unwrap(model)
     if not isinstance(getattr(model, "arch", None), dict):
-        raise TypeError(f"save_checkpoint needs a CifarResNet (with .arch), got {type(model).__name__}")
+        raise TypeError(f"save_checkpoint needs a skippable ResNet (with .arch), got {type(model).__name__}")
     reserved = sorted(set(extra) & {"format", "version", "arch"})
     if reserved:
         raise ValueError(f"extra fields {reserved} are reserved by the checkpoint format")
@@ -140,7 +145,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 def load_weights(model: nn.Module, source: str | os.PathLike | Mapping, strict: bool = True) -> nn.Module:
     """Load a checkpoint file, or an already loaded checkpoint/state dict, into ``model``.
 
-    Takes our checkpoints and the usual public CIFAR-ResNet layouts (see the module docstring).
+    Takes our checkpoints, the usual public CIFAR-ResNet layouts and torchvision ResNet state
+    dicts (see the module docstring).
     ``strict=False`` tolerates missing and unexpected keys, never shape mismatches. Raises
     ``CheckpointError`` naming what differs (depth, classes, shortcut, width, keys, shapes).
     Returns ``model``.
@@ -152,41 +158,55 @@ def load_weights(model: nn.Module, source: str | os.PathLike | Mapping, strict: 
     return model
 
 
-def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> CifarResNet:
-    """Build the network described by a dyndepth checkpoint's ``arch`` and load its weights."""
+def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> SkippableResNet:
+    """Build the network described by a dyndepth checkpoint's ``arch`` (either family) and load its weights."""
     checkpoint = load_checkpoint(path)
     if checkpoint.get("format") != FORMAT:
         try:
-            call = _build_call(infer_arch(checkpoint))
+            found = infer_arch(checkpoint)
+            module = "torchvision_resnet" if _family(found) == "torchvision" else "resnet"
+            call = f"{module}.{_build_call(found)}"
         except CheckpointError:
-            call = "build_resnet(...)"
+            call = "resnet.build_resnet(...) (or torchvision_resnet.build_torchvision_resnet(...))"
         raise CheckpointError(
             f"{path} is not a dyndepth checkpoint, so it does not say which network to build; build "
-            f"the model with backbone.models.resnet.{call} and call backbone.models.weights.load_weights(model, path)"
+            f"the model with backbone.models.{call} and call backbone.models.weights.load_weights(model, path)"
         )
     arch = checkpoint.get("arch")
     try:
-        model = CifarResNet(**{k: arch[k] for k in (*ARCH_FIELDS, "normalization") if k in arch})
-    except (TypeError, ValueError) as err:
+        model = model_from_arch(arch)
+    except (TypeError, ValueError, KeyError, DyndepthError) as err:
         raise CheckpointError(f"{path} has an invalid 'arch' entry {arch!r}: {err}") from err
     _load_into(model, checkpoint, str(path), strict=True)
     return model.to(map_location)
 
 
+def model_from_arch(arch: Mapping) -> SkippableResNet:
+    """The network (fresh weights) that a ``model.arch`` dict of either family describes."""
+    if arch.get("family") == "torchvision":
+        return TorchvisionResNet(arch["name"], arch["num_classes"], arch.get("normalization", "imagenet"))
+    return CifarResNet(**{k: arch[k] for k in (*ARCH_FIELDS, "normalization") if k in arch})
+
+
 def infer_arch(state_dict: Mapping) -> dict:
-    """Depth, num_classes, shortcut and width of a CIFAR-ResNet state dict (any accepted layout)."""
-    hints = _arch_hints(_canonical_keys(_split(state_dict, "state dict")[0], "state dict"))
-    unknown = [k for k in ARCH_FIELDS if hints[k] is None]
+    """What a state dict (any accepted layout) is: a CIFAR ResNet's depth, num_classes, shortcut and
+    width, or a torchvision ResNet's ``{"family": "torchvision", "name", "num_classes"}``."""
+    state = _canonical_keys(_split(state_dict, "state dict")[0], "state dict")
+    hints = _arch_hints(state, _state_family(state))
+    unknown = [k for k in _fields(hints) if hints[k] is None]
     if unknown:
         raise CheckpointError(f"cannot infer {', '.join(unknown)}: the state dict has no conv1.weight, "
-                              "layer1.<i>.* or fc/linear.weight keys, so it is not a CIFAR ResNet")
+                              "layer1.<i>.* or fc/linear.weight keys matching a known layout, so it is not "
+                              "a CIFAR ResNet or a torchvision ResNet")
     return hints
 
 
-def _load_into(model: CifarResNet, checkpoint: Mapping, name: str, strict: bool) -> None:
+def _load_into(model: SkippableResNet, checkpoint: Mapping, name: str, strict: bool) -> None:
     state, declared = _split(checkpoint, name)
-    state = _canonical_keys(state, name)
-    source_arch = declared if declared is not None else _arch_hints(state)
+    family = _family(model.arch)
+    # Our CIFAR spelling renames "downsample" to "shortcut"; torchvision keys stay as they are.
+    state = _canonical_keys(state, name, cifar=family == "cifar")
+    source_arch = declared if declared is not None else _arch_hints(state, _state_family(state) or family)
     expected = model.state_dict()
     for key, value in expected.items():
         # Checkpoints older than PyTorch 0.4.1 lack the BN counter; it does not affect outputs.
@@ -216,7 +236,7 @@ def _load_into(model: CifarResNet, checkpoint: Mapping, name: str, strict: bool)
         problems = arch_diffs + problems if problems else []
     if problems:
         message = f"{name} does not fit the model: {'; '.join(problems)}"
-        if arch_diffs and all(source_arch.get(k) is not None for k in ARCH_FIELDS):
+        if arch_diffs and all(source_arch.get(k) is not None for k in _fields(source_arch)):
             message += f". A matching model is {_build_call(source_arch)}"
         raise CheckpointError(message)
     try:
@@ -240,14 +260,15 @@ def _split(checkpoint: Mapping, name: str) -> tuple[dict, dict | None]:
                           f"'state_dict' or 'model', found keys {_few(list(checkpoint))}")
 
 
-def _canonical_keys(state: dict, name: str) -> dict:
-    """Our spelling of public keys: no wrapper prefix, linear -> fc, downsample -> shortcut."""
+def _canonical_keys(state: dict, name: str, cifar: bool = True) -> dict:
+    """Our spelling of public keys: no wrapper prefix; for CIFAR models also linear -> fc and
+    downsample -> shortcut."""
     renamed = {}
     for key, value in state.items():
         new = str(key)
         while new.startswith(_PREFIXES):
             new = new.split(".", 1)[1]
-        for pattern, replacement in _RENAMES:
+        for pattern, replacement in _RENAMES if cifar else ():
             new = pattern.sub(replacement, new)
         if new in renamed:
             raise CheckpointError(f"{name} has two keys that both mean {new!r} (e.g. 'fc.' and 'linear.')")
@@ -255,12 +276,35 @@ def _canonical_keys(state: dict, name: str) -> dict:
     return renamed
 
 
-def _arch_hints(state: Mapping) -> dict:
+def _family(arch: Mapping) -> str:
+    return "torchvision" if arch.get("family") == "torchvision" else "cifar"
+
+
+def _fields(arch: Mapping) -> tuple[str, ...]:
+    return TV_ARCH_FIELDS if _family(arch) == "torchvision" else ARCH_FIELDS
+
+
+def _state_family(state: Mapping) -> str | None:
+    """"torchvision" (a fourth stage, or a 7x7 first convolution), "cifar" or None (unknown)."""
+    conv1 = state.get("conv1.weight")
+    if any(k.startswith("layer4.") for k in state) or (torch.is_tensor(conv1) and conv1.dim() == 4 and conv1.shape[-1] == 7):
+        return "torchvision"
+    return "cifar" if any(k.startswith("layer1.") for k in state) else None
+
+
+def _arch_hints(state: Mapping, family: str | None = "cifar") -> dict:
     """What the weights reveal about the architecture; None where they do not say."""
     def rows(key: str, ndim: int) -> int | None:
         value = state.get(key)
         return value.shape[0] if torch.is_tensor(value) and value.dim() == ndim else None
 
+    if family == "torchvision":
+        counts = tuple(1 + max((int(m.group(1)) for k in state if (m := re.match(rf"layer{s}\.(\d+)\.", k))), default=-1)
+                       for s in (1, 2, 3, 4))
+        expansion = 4 if any(re.match(r"layer1\.\d+\.conv3\.", k) for k in state) else 1
+        name = next((n for n, (block, layers) in TV_ARCHS.items()
+                     if layers == counts and block.expansion == expansion), None)
+        return {"family": "torchvision", "name": name, "num_classes": rows("fc.weight", 2)}
     indices = [int(m.group(1)) for k in state if (m := re.match(r"layer1\.(\d+)\.", k))]
     blocks = max(indices) + 1 if indices else None
     conv_shortcut = any(re.match(r"layer\d+\.\d+\.shortcut\.", k) for k in state)
@@ -274,6 +318,16 @@ def _arch_hints(state: Mapping) -> dict:
 
 
 def _arch_differences(source: Mapping, model: Mapping) -> list[str]:
+    if _family(source) != _family(model):
+        return [f"checkpoint holds {_describe(source)} but the model is {_describe(model)}"]
+    if _family(model) == "torchvision":
+        diffs = []
+        if source.get("name") not in (None, model["name"]):
+            diffs.append(f"checkpoint is a torchvision {source['name']} but the model a {model['name']}")
+        if source.get("num_classes") not in (None, model["num_classes"]):
+            diffs.append(f"checkpoint classifier has {source['num_classes']} classes but the model "
+                         f"{model['num_classes']}")
+        return diffs
     diffs = []
     depth, model_depth = source.get("depth"), model["depth"]
     if depth is not None and depth != model_depth:
@@ -318,7 +372,15 @@ def _unwrap(model: nn.Module) -> nn.Module:
         model = inner
 
 
+def _describe(arch: Mapping) -> str:
+    if _family(arch) == "torchvision":
+        return f"a torchvision {arch.get('name') or 'ResNet'}"
+    return f"a CIFAR ResNet-{arch['depth']}" if arch.get("depth") else "a CIFAR ResNet"
+
+
 def _build_call(arch: Mapping) -> str:
+    if _family(arch) == "torchvision":
+        return f"build_torchvision_resnet({arch['name']!r}, num_classes={arch['num_classes']})"
     return (f"build_resnet({arch['depth']}, num_classes={arch['num_classes']}, "
             f"shortcut={arch['shortcut']!r}, width={arch['width']})")
 
