@@ -3,6 +3,10 @@
 Writes into ``runs/<name>/``: ``config.yaml``, ``tb/pretrain/`` (TensorBoard),
 ``checkpoints/pretrain/{last,best}.pt``, ``backbone.pt`` (the model later stages use) and the
 ``pretrain`` section of ``metrics.json``.
+
+Data-parallel: ``torchrun --nproc_per_node=N -m experiments.pretrain --config FILE ...`` (one
+process per GPU, or N CPU processes); ``pretrain.batch_size`` stays the global batch and rank 0
+writes everything (``backbone.training.distributed``).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import torch
 from backbone.models.cost import measure_backbone_cost
 from backbone.data.datasets import Splits, load_splits
 from backbone.models.resnet import CifarResNet, build_resnet
+from backbone.training import distributed
 from backbone.training.loop import predict, resolve_device, scores, train
 from backbone.models.weights import load_model, load_weights, save_checkpoint
 from experiments.common import (
@@ -82,30 +87,36 @@ def run_pretrain(
     done = finished_stage(run_dir, STAGE, backbone_path(run_dir), resume)
     if done is not None:
         return done
-    device = resolve_device(cfg.device)
+    ctx = distributed.current()  # under torchrun: this rank's device; every rank trains, rank 0 writes
+    device = ctx.device or resolve_device(cfg.device)
     splits = splits if splits is not None else load_splits(cfg.data)
     if model is None:
         torch.manual_seed(cfg.seed)
         model = build_backbone(cfg, splits.train.num_classes)
     model.to(device)
     cost = measure_backbone_cost(model, image_size=splits.train.images.shape[-1])
-    print(
-        f"pretrain: {cfg.model.arch} ({model.num_blocks} blocks, {cost.full_flops / 1e6:.1f} MFLOPs, "
-        f"{cost.total_params / 1e6:.2f} M params) on {cfg.data.name}: {len(splits.train)} train / "
-        f"{len(splits.val)} val / {len(splits.test)} test images, device {device}"
-    )
+    if ctx.is_main:
+        processes = f", torchrun world size {ctx.world_size}" if ctx.enabled else ""
+        print(
+            f"pretrain: {cfg.model.arch} ({model.num_blocks} blocks, {cost.full_flops / 1e6:.1f} MFLOPs, "
+            f"{cost.total_params / 1e6:.2f} M params) on {cfg.data.name}: {len(splits.train)} train / "
+            f"{len(splits.val)} val / {len(splits.test)} test images, device {device}{processes}"
+        )
 
     tic = time.perf_counter()
     history: dict = {"history": []}
     if cfg.pretrain.epochs > 0:
-        writer = tensorboard_writer(run_dir, STAGE)
+        writer = tensorboard_writer(run_dir, STAGE) if ctx.is_main else None
         try:
             history = train(
                 model, splits.train, splits.val, cfg.pretrain, checkpoint_dir=run_dir / "checkpoints" / STAGE,
                 writer=writer, resume=resume, seed=cfg.seed, desc=STAGE,
             )
         finally:
-            writer.close()
+            if writer is not None:
+                writer.close()
+    if not ctx.is_main:  # the test scores and every file are rank 0's
+        return {"history": history["history"], "rank": ctx.rank}
     # Training time of all sessions of this run (a resumed run adds the epochs done before).
     train_time = sum(r["epoch_time_s"] for r in history["history"])
 
@@ -146,9 +157,12 @@ def load_backbone(run_dir: Path, device: str | torch.device = "cpu") -> CifarRes
 
 def main(args) -> None:
     cfg = config_from_args(args)
-    # Everything that can fail on bad input (device, dataset, imported weights) fails here,
-    # before the run directory is touched.
+    # Everything that can fail on bad input (device, launch, dataset, imported weights) fails
+    # here, before the run directory is touched; a batch the ranks cannot share fails before
+    # waiting for the other ranks.
     resolve_device(cfg.device)
+    distributed.check_batch_divisible(cfg.pretrain.batch_size, distributed.env_world_size(), "pretrain.batch_size")
+    distributed.init_distributed(cfg.device)
     splits = load_splits(cfg.data)
     torch.manual_seed(cfg.seed)
     model = build_backbone(cfg, splits.train.num_classes)
@@ -157,4 +171,4 @@ def main(args) -> None:
 
 
 if __name__ == "__main__":
-    cli(main, experiment_parser(__doc__.splitlines()[0]))
+    cli(main, experiment_parser(__doc__.splitlines()[0]), distributed_ok=True)

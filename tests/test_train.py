@@ -1,4 +1,5 @@
 import math
+import os
 
 import pytest
 import torch
@@ -219,3 +220,108 @@ def test_nan_loss_stops_and_keeps_checkpoint(tiny_data, tmp_path, monkeypatch):
     kept = load_checkpoint(tmp_path / "last.pt")
     assert kept["epoch"] == 1
     torch.testing.assert_close(kept["model"]["fc.weight"], good["model"]["fc.weight"])
+
+
+# ----------------------------------------------------------------------------- GPU paths, checked on the CPU
+def test_compile_with_stochastic_depth_compiles_the_blocks_that_run(tiny_data, monkeypatch):
+    from backbone.models.resnet import call_block
+
+    compiled = []
+
+    def fake_compile(fn, **kwargs):  # records what would be compiled; runs it eagerly
+        compiled.append(fn)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    train_set, _ = tiny_data
+    model = build_resnet(8, num_classes=4, width=4)
+    train(model, train_set, None, _cfg(epochs=1, stochastic_depth=0.5, compile=True))
+    assert compiled == [call_block]  # the masked forward's unit, not the unmasked whole model
+    assert model._call_block is call_block  # and eager again afterwards
+    compiled.clear()
+    train(model, train_set, None, _cfg(epochs=1, compile=True))
+    assert compiled == [model]  # no masks: the whole forward
+    train(model, train_set, None, _cfg(epochs=1, stochastic_depth=0.5, compile=True))
+    assert compiled == [model, call_block]
+
+
+def test_fp16_autocast_scales_the_loss_and_resumes_exactly(tiny_data, tmp_path, monkeypatch):
+    # Where bf16 is not native, amp is fp16 with a GradScaler: simulated here with CPU fp16 autocast.
+    import backbone.training.recipe as recipe
+
+    monkeypatch.setattr(recipe, "amp_dtype", lambda device, enabled=True: torch.float16 if enabled else None)
+    train_set = tiny_data[0].subset(range(64))
+    cfg = _cfg(epochs=2, batch_size=16, stochastic_depth=0.3)
+    torch.manual_seed(1)
+    straight = build_resnet(8, num_classes=4, width=4)
+    reference = train(straight, train_set, None, cfg, checkpoint_dir=tmp_path / "a", seed=5)
+    scaler_state = load_checkpoint(tmp_path / "a" / "last.pt")["grad_scaler"]
+    assert scaler_state["scale"] > 1 and math.isfinite(reference["history"][-1]["train_loss"])
+
+    def stop_at_step_3(*_, steps=[]):
+        steps.append(1)
+        if len(steps) == 3:
+            request_stop("SIGINT")
+
+    torch.manual_seed(1)
+    try:
+        with pytest.raises(Interrupted):
+            train(build_resnet(8, num_classes=4, width=4), train_set, None, cfg, checkpoint_dir=tmp_path / "b", seed=5,
+                  after_step=stop_at_step_3)
+    finally:
+        clear_stop()
+    resumed = build_resnet(8, num_classes=4, width=4)
+    train(resumed, train_set, None, cfg, checkpoint_dir=tmp_path / "b", seed=5, resume=True)
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_deterministic_mode_is_switched_on_by_the_environment(tiny_data, monkeypatch):
+    monkeypatch.setenv("DYNDEPTH_DETERMINISTIC", "1")
+    try:
+        train(build_resnet(8, num_classes=4, width=4), tiny_data[0].subset(range(64)), None, _cfg(epochs=1))
+        assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] in (":4096:8", ":16:8")
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_resume_on_cuda_is_exact_with_deterministic_kernels(tiny_data, tmp_path):
+    """What CUDA guarantees: with deterministic kernels (``use_deterministic_training``) a stopped and
+    resumed run equals the uninterrupted one bit for bit on the same GPU and software; a kernel
+    without a deterministic version warns, and the guarantee is then a tolerance of 1e-3."""
+    import warnings
+
+    from backbone.training.recipe import use_deterministic_training
+
+    train_set, val_set = tiny_data
+    cfg = _cfg(epochs=2, stochastic_depth=0.3)
+    use_deterministic_training()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.manual_seed(1)
+            straight = build_resnet(8, num_classes=4, width=4).cuda()
+            train(straight, train_set, val_set, cfg, checkpoint_dir=tmp_path / "a", seed=5)
+
+            def stop_at_step_11(*_, steps=[]):
+                steps.append(1)
+                if len(steps) == 11:
+                    request_stop("SIGINT")
+
+            torch.manual_seed(1)
+            try:
+                with pytest.raises(Interrupted):
+                    train(build_resnet(8, num_classes=4, width=4).cuda(), train_set, val_set, cfg,
+                          checkpoint_dir=tmp_path / "b", seed=5, after_step=stop_at_step_11)
+            finally:
+                clear_stop()
+            resumed = build_resnet(8, num_classes=4, width=4).cuda()
+            train(resumed, train_set, val_set, cfg, checkpoint_dir=tmp_path / "b", seed=5, resume=True)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    tolerance = 1e-3 if any("deterministic" in str(w.message) for w in caught) else 0.0
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=tolerance)

@@ -6,7 +6,9 @@ then saves a checkpoint and raises :class:`Interrupted` (PPO waits for the end o
 its state is complete). Outside such a loop (loading data,
 evaluating) a signal raises ``KeyboardInterrupt`` at once, which loses nothing: every file is
 written atomically, and a stage that did not finish is redone on ``--resume``. A second signal
-always stops at once.
+stops at once, except that under torchrun a second signal within ``FORWARD_WINDOW_S`` of the
+first counts as the same request: Ctrl-C reaches every worker from the terminal and again from
+torchrun, which forwards what it receives (and SIGKILLs workers 30 s later).
 
 The handlers are installed by the experiment CLIs (:func:`install_signal_handlers`); a library user
 who wants the same behaviour calls it too. Without it, signals keep Python's default behaviour.
@@ -15,9 +17,11 @@ who wants the same behaviour calls it too. Without it, signals keep Python's def
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import threading
+import time
 
 
 class Interrupted(KeyboardInterrupt):
@@ -26,15 +30,21 @@ class Interrupted(KeyboardInterrupt):
 
 _deferring = 0  # nesting depth of deferred_stop() sections
 _requested: str | None = None  # name of the signal received inside one
+_requested_at = 0.0  # when (time.monotonic)
+FORWARD_WINDOW_S = 5.0
 
 
 def _handle(signum: int, frame) -> None:
-    global _requested
+    global _requested, _requested_at
     name = signal.Signals(signum).name
     if _deferring and _requested is None:
-        _requested = name
-        print(f"\n{name}: stopping at the next safe point, after a checkpoint (send it again to stop at once)",
-              file=sys.stderr, flush=True)
+        _requested, _requested_at = name, time.monotonic()
+        if os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 speaks for the job
+            print(f"\n{name}: stopping at the next safe point, after a checkpoint (send it again to stop at once)",
+                  file=sys.stderr, flush=True)
+        return
+    forwarded = "RANK" in os.environ and time.monotonic() - _requested_at < FORWARD_WINDOW_S
+    if _deferring and forwarded:
         return
     raise KeyboardInterrupt(f"{name} received")
 

@@ -8,14 +8,21 @@ state. They are written at the end of every epoch, every ``checkpoint_every_s`` 
 one, and when SIGINT/SIGTERM asks the run to stop (see ``backbone.training.interrupt``). The data order
 and augmentation of epoch ``k`` / batch ``i`` are functions of ``(seed, k, i)``, so on the CPU a
 run resumed with ``resume=True`` after a kill at any point ends bit-identical to one never
-interrupted.
+interrupted. On CUDA the same holds with ``DYNDEPTH_DETERMINISTIC=1`` (deterministic kernels, see
+``recipe.use_deterministic_training``); without it, to float tolerance.
+
+Under ``torchrun`` (``backbone.training.distributed``) the same loop trains data-parallel: each
+rank its share of every global batch, gradients averaged, rank 0 writing, every rank stopping,
+checkpointing and noticing a diverged loss at the same step, validation sharded.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import signal
 import time
-from dataclasses import dataclass, field
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -27,135 +34,28 @@ from tqdm.auto import tqdm
 from backbone.data.batching import BatchLoader
 from backbone.data.datasets import ImageDataset
 from backbone.errors import ConfigError, DyndepthError
-from backbone.training.interrupt import Interrupted, deferred_stop, stop_requested
-from backbone.models.resnet import CifarResNet
+from backbone.models.resnet import CifarResNet, call_block
 from backbone.models.weights import load_checkpoint, save_checkpoint
+from backbone.training import distributed
+from backbone.training.distributed import DistContext
+from backbone.training.interrupt import Interrupted, deferred_stop, stop_requested
+from backbone.training.recipe import (  # noqa: F401  (re-exported: the loop's public names)
+    AfterStep,
+    LossFn,
+    MaskSampler,
+    TrainConfig,
+    amp_dtype,
+    autocast,
+    build_optimizer,
+    build_scheduler,
+    epoch_generator,
+    grad_scaler,
+    resolve_device,
+    stochastic_depth_sampler,
+    use_deterministic_training,
+)
 
-#: ``mask_sampler(images, labels, generator) -> keep_mask or None`` picks the blocks of a batch.
-MaskSampler = Callable[[torch.Tensor, torch.Tensor, torch.Generator], "torch.Tensor | None"]
-#: ``loss_fn(images, labels, keep_mask) -> (loss, logits)`` replaces the plain cross-entropy
-#: (e.g. a differentiable-gate model adds its compute penalty).
-LossFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], "tuple[torch.Tensor, torch.Tensor]"]
-#: ``after_step(images, labels, keep_mask, logits)`` runs after each optimiser step (e.g. the
-#: policy's own update in joint fine-tuning, which needs the backbone's predictions).
-AfterStep = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", torch.Tensor], None]
-
-
-@dataclass
-class TrainConfig:
-    """Recipe of one supervised training run (defaults: the CIFAR ResNet recipe of He et al.)."""
-
-    epochs: int = 160
-    batch_size: int = 128
-    lr: float = 0.1  # for batch_size 128; scale it yourself for other sizes
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"  # "cosine" (per step) or "multistep" (per epoch)
-    milestones: list = field(default_factory=lambda: [0.5, 0.75])  # fractions of epochs
-    gamma: float = 0.1  # multistep decay factor
-    warmup_epochs: float = 0.0  # linear warm-up from lr/10
-    label_smoothing: float = 0.0
-    augment: bool = True  # random crop (padding 4) + horizontal flip, on the device
-    # Stochastic depth (Huang et al. 2016): per-sample block dropping while training, with drop
-    # probability growing linearly from 0 to this value at the last block ("linear") or equal for
-    # every block ("uniform"). Kept blocks are not rescaled, as in LayerDrop: a block then behaves
-    # the same in training and at inference, where a policy drops blocks outright.
-    stochastic_depth: float = 0.0
-    stochastic_depth_schedule: str = "linear"
-    amp: bool = True  # bf16 autocast, CUDA only
-    channels_last: bool = True  # weights and activations in NHWC: faster convolutions on CPU and GPU
-    compile: bool = False  # torch.compile the plain (unmasked) forward
-    eval_batch_size: int = 512
-    # Also checkpoint inside an epoch when this many seconds passed since the last save (0: only
-    # at epoch ends), so a killed run loses at most this much of a long CPU epoch.
-    checkpoint_every_s: float = 600.0
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.epochs >= 0, "epochs must be >= 0 (0: no training, e.g. evaluate imported weights)"),
-            (self.batch_size >= 1, "batch_size must be >= 1"),
-            (self.eval_batch_size >= 1, "eval_batch_size must be >= 1"),
-            (self.checkpoint_every_s >= 0, "checkpoint_every_s must be >= 0 (0: only at epoch ends)"),
-            (self.lr > 0, "lr must be > 0"),
-            (0 <= self.momentum < 1, "momentum must be in [0, 1)"),
-            (self.weight_decay >= 0, "weight_decay must be >= 0"),
-            (self.schedule in ("cosine", "multistep"), "schedule must be 'cosine' or 'multistep'"),
-            (all(0 < m < 1 for m in self.milestones), "milestones are fractions of the epochs, in (0, 1)"),
-            (0 < self.gamma <= 1, "gamma must be in (0, 1]"),
-            (self.warmup_epochs >= 0 and (self.epochs == 0 or self.warmup_epochs < self.epochs), "warmup_epochs must be in [0, epochs)"),
-            (0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
-            (0 <= self.stochastic_depth < 1, "stochastic_depth (drop rate of the last block) must be in [0, 1)"),
-            (self.stochastic_depth_schedule in ("linear", "uniform"), "stochastic_depth_schedule must be 'linear' or 'uniform'"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """``"auto"`` → CUDA when available, else CPU; ``"cuda"`` without a GPU is a clear error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} requested but CUDA is not available; use device: cpu or auto")
-    try:
-        return torch.device(name)
-    except RuntimeError as exc:
-        raise ConfigError(f"unknown device {name!r}: use auto, cpu or cuda[:N]") from exc
-
-
-def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
-    """The generator of all random choices of one epoch (see the module docstring)."""
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed * 1_000_003 + epoch)
-    return gen
-
-
-def stochastic_depth_sampler(num_blocks: int, drop_last: float, schedule: str = "linear") -> MaskSampler:
-    """Mask sampler for stochastic depth: block ``i`` kept with probability ``1 - d_i``."""
-    if schedule == "linear":
-        drop = [drop_last * (i + 1) / num_blocks for i in range(num_blocks)]
-    else:
-        drop = [drop_last] * num_blocks
-    keep_prob = 1.0 - torch.tensor(drop)
-
-    def sample(images: torch.Tensor, labels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        u = torch.rand(images.shape[0], num_blocks, generator=gen, device=gen.device)
-        return u < keep_prob.to(u.device)
-
-    return sample
-
-
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    # No weight decay on BatchNorm parameters and biases (standard practice; it only hurts them).
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.dim() > 1 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
-    """Learning-rate factor per optimisation step: warm-up, then cosine or multistep."""
-    total = cfg.epochs * steps_per_epoch
-    warmup = int(cfg.warmup_epochs * steps_per_epoch)
-    milestones = [int(m * cfg.epochs) * steps_per_epoch for m in cfg.milestones]
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return 0.1 + 0.9 * step / warmup
-        if cfg.schedule == "cosine":
-            progress = (step - warmup) / max(1, total - warmup)
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-        return cfg.gamma ** sum(step >= m for m in milestones)
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def _autocast(device: torch.device, enabled: bool):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+_autocast = autocast  # the old private name
 
 
 @torch.no_grad()
@@ -177,7 +77,7 @@ def predict(
     loader = BatchLoader(dataset, batch_size, device=device, shuffle=False)
     for images, _ in loader.epoch_batches(0):
         keep_mask = keep_mask_fn(images) if keep_mask_fn is not None else None
-        with _autocast(device, amp):
+        with autocast(device, amp):
             outputs.append(model(images, keep_mask).float().cpu())
     model.train(was_training)
     if not outputs:
@@ -229,21 +129,34 @@ def train(
     ``SummaryWriter`` or None. ``mask_sampler`` overrides ``cfg.stochastic_depth``; ``loss_fn`` and
     ``after_step`` see the module docstring's types. ``model`` may be any module with ``num_blocks``,
     ``num_classes`` and ``arch`` whose ``forward(images, keep_mask)`` returns logits.
+
+    Under torchrun every rank calls this with the same arguments: ``cfg.batch_size`` is the
+    global batch, ``mask_sampler`` sees this rank's rows (a sampler that draws from ``gen`` should
+    draw for the global batch and keep its rows, as ``stochastic_depth_sampler`` does), ``after_step``
+    runs on every rank, and only rank 0 writes checkpoints and to ``writer``.
     """
+    ctx = distributed.current()
     device = next(model.parameters()).device
+    if os.environ.get("DYNDEPTH_DETERMINISTIC") == "1":
+        use_deterministic_training()
+    if ctx.enabled:
+        distributed.check_batch_divisible(cfg.batch_size, ctx.world_size, "batch_size")
+        writer = writer if ctx.is_main else None
     if mask_sampler is None and cfg.stochastic_depth > 0:
-        mask_sampler = stochastic_depth_sampler(model.num_blocks, cfg.stochastic_depth, cfg.stochastic_depth_schedule)
+        mask_sampler = stochastic_depth_sampler(model.num_blocks, cfg.stochastic_depth, cfg.stochastic_depth_schedule,
+                                                ctx.rank, ctx.world_size)
     # channels_last trains a CIFAR ResNet 1.3x faster on these CPUs too (benchmark) and on GPUs;
     # the model's stem puts its input into the layout of its weights.
     model.to(memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
-    loader = BatchLoader(
-        train_set, cfg.batch_size, device=device, shuffle=True, seed=seed, augment=cfg.augment, drop_last=True
-    )
+    loader = BatchLoader(train_set, cfg.batch_size, device=device, shuffle=True, seed=seed, augment=cfg.augment,
+                         drop_last=True, rank=ctx.rank, world_size=ctx.world_size)
     if len(loader) == 0:
         raise ConfigError(f"batch_size {cfg.batch_size} is larger than the {len(train_set)} training images")
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, len(loader))
-    forward = torch.compile(model) if cfg.compile else model
+    scaler = grad_scaler(device, cfg.amp)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    forward, uncompile = _compile_for_training(model, cfg, masked=mask_sampler is not None or loss_fn is not None)
 
     history: list[dict] = []
     start_epoch, start_batch, best_accuracy, partial = 0, 0, -1.0, None
@@ -251,17 +164,20 @@ def train(
     if checkpoint_dir is not None:
         checkpoint_dir = Path(checkpoint_dir)
         last_path, best_path = checkpoint_dir / "last.pt", checkpoint_dir / "best.pt"
-        if resume and last_path.exists():
+        if resume and last_path.exists():  # every rank loads the same file
             state = load_checkpoint(last_path)
             # Our own checkpoint of this very run: a plain state-dict load (model may be a wrapper).
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
+            if "grad_scaler" in state:
+                scaler.load_state_dict(state["grad_scaler"])
             start_epoch, best_accuracy, history = state["epoch"], state["best_accuracy"], state["history"]
             start_batch, partial = state.get("batch", 0), state.get("partial")
             _restore_rng(state.get("rng"), device)
             if hasattr(after_step, "load_state_dict") and "after_step" in state:
                 after_step.load_state_dict(state["after_step"])
+    distributed.broadcast_module(model)  # one starting point, however each rank built its model
 
     def save_last(epoch_done: int, batch_done: int, sums: dict | None = None) -> None:
         """``last.pt`` after ``epoch_done`` whole epochs and ``batch_done`` batches of the next."""
@@ -271,90 +187,174 @@ def train(
             extra["partial"] = {k: v.cpu() if torch.is_tensor(v) else v for k, v in sums.items()}
         if hasattr(after_step, "state_dict"):
             extra["after_step"] = after_step.state_dict()
+        if scaler.is_enabled():
+            extra["grad_scaler"] = scaler.state_dict()
         save_checkpoint(last_path, model, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), **extra)
+
+    def overdue() -> bool:
+        return cfg.checkpoint_every_s > 0 and time.monotonic() - last_save > cfg.checkpoint_every_s
 
     step = start_epoch * len(loader) + start_batch
     last_save = time.monotonic()
-    with deferred_stop():
-        for epoch in range(start_epoch, cfg.epochs):
-            model.train()
-            gen = epoch_generator(seed, epoch, device)
-            first = start_batch if epoch == start_epoch else 0
-            if first and partial is not None:  # resumed in the middle of this epoch
-                gen.set_state(partial.pop("mask_rng"))
-                sums = {k: v.to(device) if torch.is_tensor(v) else v for k, v in partial.items()}
-            else:
-                zero = torch.zeros((), device=device)
-                sums = {"loss_sum": zero, "correct_sum": zero.clone(), "seen": 0, "time_s": 0.0}
-            tic = time.perf_counter()
-            bar = tqdm(loader.epoch_batches(epoch, first), total=len(loader), initial=first,
-                       desc=f"{desc} {epoch + 1}/{cfg.epochs}", leave=False)
-            for batch, (images, labels) in enumerate(bar, start=first):
-                keep_mask = mask_sampler(images, labels, gen) if mask_sampler is not None else None
-                with _autocast(device, cfg.amp):
-                    if loss_fn is not None:
-                        loss, logits = loss_fn(images, labels, keep_mask)
+    try:
+        with deferred_stop():
+            for epoch in range(start_epoch, cfg.epochs):
+                model.train()
+                gen = epoch_generator(seed, epoch, "cpu")
+                first = start_batch if epoch == start_epoch else 0
+                sums = _zero_sums(device)
+                if first and partial is not None:  # resumed in the middle of this epoch
+                    gen.set_state(partial.pop("mask_rng"))
+                    if ctx.is_main:  # the saved sums are those of all ranks together
+                        sums = {k: v.to(device) if torch.is_tensor(v) else v for k, v in partial.items()}
+                tic = time.perf_counter()
+                bar = tqdm(loader.epoch_batches(epoch, first), total=len(loader), initial=first,
+                           desc=f"{desc} {epoch + 1}/{cfg.epochs}", leave=False, disable=not ctx.is_main)
+                for batch, (images, labels) in enumerate(bar, start=first):
+                    keep_mask = mask_sampler(images, labels, gen) if mask_sampler is not None else None
+                    with autocast(device, cfg.amp):
+                        if loss_fn is not None:
+                            loss, logits = loss_fn(images, labels, keep_mask)
+                        else:
+                            logits = forward(images) if keep_mask is None else model(images, keep_mask)
+                            loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    if ctx.enabled:  # one host message a step: stop?, checkpoint due?, which parameters got gradients
+                        flags = distributed.all_reduce_flags(
+                            [_signal_code(stop_requested()), int(overdue()), *(int(p.grad is not None) for p in params)])
+                        distributed.average_gradients(params, flags[2:])
+                    scaler.step(optimizer)
+                    scaler.update()
+                    scheduler.step()
+                    if after_step is not None:
+                        after_step(images, labels, keep_mask, logits.detach())
+                    step += 1
+                    # Accumulate on the device: no host sync per step.
+                    sums["loss_sum"] = sums["loss_sum"] + loss.detach() * labels.shape[0]
+                    sums["correct_sum"] = sums["correct_sum"] + (logits.argmax(1) == labels).sum()
+                    sums["seen"] += labels.shape[0]
+                    if ctx.enabled:
+                        signal_name, due = _signal_name(flags[0]), bool(flags[1])
                     else:
-                        logits = forward(images) if keep_mask is None else model(images, keep_mask)
-                        loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                if after_step is not None:
-                    after_step(images, labels, keep_mask, logits.detach())
-                step += 1
-                # Accumulate on the device: no host sync per step.
-                sums["loss_sum"] = sums["loss_sum"] + loss.detach() * labels.shape[0]
-                sums["correct_sum"] = sums["correct_sum"] + (logits.argmax(1) == labels).sum()
-                sums["seen"] += labels.shape[0]
-                signal_name = stop_requested()
-                overdue = cfg.checkpoint_every_s > 0 and time.monotonic() - last_save > cfg.checkpoint_every_s
-                if last_path is not None and (signal_name or overdue):
-                    if not torch.isfinite(sums["loss_sum"]):  # never save diverged weights over good ones
-                        raise NonFiniteLossError(_diverged(epoch, step, last_path))
-                    now = time.perf_counter()
-                    sums["time_s"] += now - tic
-                    tic = now
-                    save_last(epoch, batch + 1, {**sums, "mask_rng": gen.get_state()})
-                    last_save = time.monotonic()
-                if signal_name:
-                    where = f"epoch {epoch + 1}, batch {batch + 1}/{len(loader)}"
-                    if last_path is None:
-                        raise Interrupted(f"{signal_name}: stopped at {where} (no checkpoint directory)")
-                    raise Interrupted(f"{signal_name}: stopped at {where}; saved {last_path}: rerun with --resume")
-            bar.close()
-            epoch_time = sums["time_s"] + time.perf_counter() - tic
-            seen = sums["seen"]
-            train_loss = sums["loss_sum"].item() / seen
-            if not math.isfinite(train_loss):
-                raise NonFiniteLossError(_diverged(epoch, step, last_path))
-            record = {
-                "epoch": epoch + 1,
-                "train_loss": train_loss,
-                "train_accuracy": sums["correct_sum"].item() / seen,
-                "lr": optimizer.param_groups[0]["lr"],
-                "images_per_s": seen / epoch_time,
-                "epoch_time_s": epoch_time,
-            }
-            if val_set is not None and len(val_set) > 0:
-                val = evaluate(model, val_set, cfg.eval_batch_size)
-                record.update(val_accuracy=val["accuracy"], val_loss=val["loss"])
-            history.append(record)
-            _log_epoch(writer, record, step)
-            tqdm.write(_format_record(desc, record))
+                        signal_name, due = stop_requested(), overdue()
+                    if last_path is not None and (signal_name or due):
+                        now = time.perf_counter()
+                        sums["time_s"] += now - tic
+                        tic = now
+                        totals = _global_sums(sums, ctx)
+                        if not torch.isfinite(totals["loss_sum"]):  # never save diverged weights over good ones
+                            raise NonFiniteLossError(_diverged(epoch, step, last_path))
+                        if ctx.is_main:
+                            save_last(epoch, batch + 1, {**totals, "mask_rng": gen.get_state()})
+                        distributed.barrier()  # no rank may exit on a stop while rank 0 still writes
+                        last_save = time.monotonic()
+                    if signal_name:
+                        where = f"epoch {epoch + 1}, batch {batch + 1}/{len(loader)}"
+                        if last_path is None:
+                            raise Interrupted(f"{signal_name}: stopped at {where} (no checkpoint directory)")
+                        raise Interrupted(f"{signal_name}: stopped at {where}; saved {last_path}: rerun with --resume")
+                bar.close()
+                epoch_time = sums["time_s"] + time.perf_counter() - tic
+                totals = _global_sums(sums, ctx)
+                seen = totals["seen"]
+                train_loss = totals["loss_sum"].item() / seen
+                if not math.isfinite(train_loss):
+                    raise NonFiniteLossError(_diverged(epoch, step, last_path))
+                record = {
+                    "epoch": epoch + 1,
+                    "train_loss": train_loss,
+                    "train_accuracy": totals["correct_sum"].item() / seen,
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "images_per_s": seen / epoch_time,  # of all ranks together
+                    "epoch_time_s": epoch_time,
+                }
+                if val_set is not None and len(val_set) > 0:
+                    val = _validate(model, val_set, cfg, ctx)
+                    record.update(val_accuracy=val["accuracy"], val_loss=val["loss"])
+                history.append(record)
+                if ctx.is_main:
+                    _log_epoch(writer, record, step)
+                    tqdm.write(_format_record(desc, record))
 
-            accuracy = record.get("val_accuracy", record["train_accuracy"])
-            is_best = accuracy > best_accuracy
-            best_accuracy = max(best_accuracy, accuracy)
-            if last_path is not None:
-                # best.pt first: last.pt records the best accuracy, so a kill between the two
-                # must not leave a last.pt that believes a best.pt was written.
-                if is_best:
-                    save_checkpoint(best_path, model, epoch=epoch + 1, best_accuracy=best_accuracy, history=history)
-                save_last(epoch + 1, 0)
+                accuracy = record.get("val_accuracy", record["train_accuracy"])
+                is_best = accuracy > best_accuracy
+                best_accuracy = max(best_accuracy, accuracy)
+                if last_path is not None and ctx.is_main:
+                    # best.pt first: last.pt records the best accuracy, so a kill between the two
+                    # must not leave a last.pt that believes a best.pt was written.
+                    if is_best:
+                        save_checkpoint(best_path, model, epoch=epoch + 1, best_accuracy=best_accuracy, history=history)
+                    save_last(epoch + 1, 0)
                 last_save = time.monotonic()
+    finally:
+        uncompile()
     return {"history": history, "best_accuracy": best_accuracy, "epochs": cfg.epochs}
+
+
+def _compile_for_training(model: nn.Module, cfg: TrainConfig, masked: bool) -> tuple[Callable, Callable[[], None]]:
+    """The forward of unmasked steps, and what undoes the compilation after training.
+
+    Unmasked: the whole model through ``torch.compile``. Masked steps (stochastic depth, policy
+    masks, a ``loss_fn``) call the model itself, so its blocks are compiled instead
+    (``compile_blocks``): the masked forward sends a different number of rows through each block,
+    which one whole-model graph cannot follow.
+    """
+    if not cfg.compile:
+        return model, lambda: None
+    if not masked:
+        return torch.compile(model), lambda: None
+    target = model if hasattr(model, "compile_blocks") else getattr(model, "backbone", None)
+    if not hasattr(target, "compile_blocks"):
+        warnings.warn(f"compile: {type(model).__name__} has no compile_blocks; its masked forward runs eagerly")
+        return model, lambda: None
+    if not hasattr(torch._dynamo.config, "recompile_limit"):
+        raise ConfigError(f"compile with masks (stochastic depth, policies) needs compile_blocks, which needs "
+                          f"torch._dynamo.config.recompile_limit (torch >= 2.7; this is {torch.__version__}): "
+                          f"upgrade torch or set compile: false")
+    if target._call_block is not call_block:  # the caller compiled them already: keep theirs
+        return model, lambda: None
+    target.compile_blocks()
+    return model, lambda: target.compile_blocks(False)
+
+
+def _zero_sums(device: torch.device) -> dict:
+    zero = torch.zeros((), device=device)
+    return {"loss_sum": zero, "correct_sum": zero.clone(), "seen": 0, "time_s": 0.0}
+
+
+def _global_sums(sums: dict, ctx: DistContext) -> dict:
+    """The running sums of all ranks together (this rank's wall time); ``sums`` alone in one process."""
+    if not ctx.enabled:
+        return sums
+    loss_sum, correct_sum = sums["loss_sum"], sums["correct_sum"]
+    totals = torch.stack([loss_sum.double(), correct_sum.double(), torch.tensor(float(sums["seen"]), device=loss_sum.device, dtype=torch.float64)])
+    distributed.all_reduce_sum(totals)
+    return {"loss_sum": totals[0].to(loss_sum.dtype), "correct_sum": totals[1].to(correct_sum.dtype),
+            "seen": int(totals[2].item()), "time_s": sums["time_s"]}
+
+
+def _validate(model: nn.Module, val_set: ImageDataset, cfg: TrainConfig, ctx: DistContext) -> dict:
+    """Validation accuracy and loss; under torchrun each rank scores its share of ``val_set`` with
+    rank 0's BatchNorm statistics (those of the checkpoint), and the sums are all-reduced."""
+    if not ctx.enabled:
+        return evaluate(model, val_set, cfg.eval_batch_size)
+    distributed.broadcast_module(model, parameters=False)
+    lo, hi = (len(val_set) * r // ctx.world_size for r in (ctx.rank, ctx.rank + 1))
+    part = val_set.subset(range(lo, hi))
+    logits = predict(model, part, cfg.eval_batch_size)
+    loss = F.cross_entropy(logits, part.labels, reduction="sum").item() if hi > lo else 0.0
+    totals = torch.tensor([loss, (logits.argmax(1) == part.labels).sum().item(), hi - lo], dtype=torch.float64)
+    loss, correct, count = distributed.all_reduce_sum(totals, host=True).tolist()
+    return {"accuracy": correct / count, "loss": loss / count, "num_images": int(count)}
+
+
+def _signal_code(name: str | None) -> int:
+    return signal.Signals[name].value if name else 0
+
+
+def _signal_name(code: int) -> str | None:
+    return signal.Signals(code).name if code else None
 
 
 def _diverged(epoch: int, step: int, last_path: Path | None) -> str:
