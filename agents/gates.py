@@ -4,7 +4,10 @@ Gate ``i`` looks at the global-average-pooled input of block ``i`` and outputs a
 runs iff ``sigmoid(logit) > 0.5``. The hard decision has no gradient, so training uses a
 straight-through estimator ``g_st = g + p - p.detach()`` (optionally Gumbel-sigmoid noise on the
 logit) and minimises ``CE + λ · mean_batch(Σ_i g_st_i)``: λ per executed block, the same price as
-the RL reward ``correct − λ·blocks_used``, so the two methods are compared at equal λ.
+the RL reward ``correct − λ·blocks_used``. With ``target`` set it minimises instead
+``CE + w · (mean_batch(FLOPs(g_st)) / full − target)²``, a FLOPs-budget loss in the spirit of
+ConvNet-AIG's target-rate loss, but over the whole network (each block weighted by its FLOPs),
+so the gates decide where to spend and can be put at any operating point.
 
 Training runs every block densely (``block(h, gate=g_st)``) so that every gate gets a gradient;
 evaluation really skips (``run_block_masked`` on the rows whose gate is open).
@@ -24,9 +27,9 @@ from backbone.models.cost import count_flops, measure_backbone_cost
 from backbone.data.batching import BatchLoader
 from backbone.data.datasets import ImageDataset
 from backbone.errors import ConfigError
-from backbone.models.resnet import BackboneWrapper, CifarResNet, check_keep_mask, run_block_masked
+from backbone.models.resnet import BackboneWrapper, SkippableResNet, check_keep_mask, run_block_masked
 from backbone.training.loop import TrainConfig, train
-from backbone.models.weights import ARCH_FIELDS, load_checkpoint
+from backbone.models.weights import load_checkpoint, model_from_arch
 
 ESTIMATORS = ("straight_through", "gumbel")
 
@@ -42,6 +45,8 @@ class GateConfig:
     """
 
     lam: float = 0.01
+    target: float | None = None  # FLOPs ratio to aim for (budget loss); None: the λ-per-block loss
+    budget_weight: float = 10.0  # w of the budget loss
     estimator: str = "straight_through"
     temperature: float = 1.0
     hidden: int = 16
@@ -50,6 +55,8 @@ class GateConfig:
     def __post_init__(self) -> None:
         checks = [
             (self.lam >= 0, "gates.lam must be >= 0"),
+            (self.target is None or 0 < self.target <= 1, "gates.target must be a FLOPs ratio in (0, 1] (or null)"),
+            (self.budget_weight > 0, "gates.budget_weight must be > 0"),
             (self.estimator in ESTIMATORS, f"gates.estimator must be one of {ESTIMATORS}, got {self.estimator!r}"),
             (self.temperature > 0, "gates.temperature must be > 0"),
             (isinstance(self.hidden, int) and self.hidden >= 1, "gates.hidden must be an integer >= 1"),
@@ -75,22 +82,28 @@ class Gate(nn.Module):
 
 
 class GatedResNet(BackboneWrapper):
-    """A ``CifarResNet`` (submodule ``backbone``) with one gate per residual block.
+    """A skippable backbone (submodule ``backbone``) with one gate per residual block.
 
     After each forward, ``last_keep_mask`` holds the (B, L) bool decisions and ``last_gates`` the
     (B, L) gate values the penalty uses (straight-through values while training).
     """
 
-    def __init__(self, backbone: CifarResNet, cfg: GateConfig):
+    def __init__(self, backbone: SkippableResNet, cfg: GateConfig):
         super().__init__()
         self.backbone, self.cfg = backbone, cfg
         self.gates = nn.ModuleList(Gate(b.conv1.in_channels, cfg.hidden, cfg.init_bias) for b in backbone.blocks)
-        # With option-B (conv+BN) shortcuts a skipped downsampling block can output negative
-        # values, where block(h, gate=0) = relu(shortcut(h)) differs from the real skip
-        # shortcut(h); only then does the dense training pass need a correction (see forward).
-        self._exact_skip = backbone.arch.get("shortcut") == "B"
+        # With a conv+BN shortcut (option B, torchvision) a skipped downsampling block can output
+        # negative values, where block(h, gate=0) = relu(shortcut(h)) differs from the real skip
+        # shortcut(h); the dense training pass corrects for it (see forward). For option A the
+        # correction is zero (a subsampled ReLU output is never negative), at one cheap call.
+        self._exact_skip = any(b.downsamples for b in backbone.blocks)
         self.last_keep_mask: torch.Tensor | None = None
         self.last_gates: torch.Tensor | None = None
+        # FLOPs of the budget loss: cost = base + Σ_i g_i·delta_i, as fractions of the full network.
+        cost = measure_backbone_cost(backbone)
+        self.register_buffer("flops_delta", torch.tensor(
+            [(k - s) / cost.full_flops for k, s in zip(cost.block_flops, cost.skip_flops)]), persistent=False)
+        self.flops_base = cost.min_flops / cost.full_flops
 
     @property
     def arch(self) -> dict:
@@ -144,10 +157,15 @@ class GatedResNet(BackboneWrapper):
         self, images: torch.Tensor, labels: torch.Tensor, keep_mask: torch.Tensor | None = None,
         label_smoothing: float = 0.0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``CE + λ · mean_batch(Σ_i g_i)`` and the logits: the ``LossFn`` of ``backbone.training.loop.train``."""
+        """``CE + λ · mean_batch(Σ_i g_i)`` (or the budget loss, see the module docstring) and the
+        logits: the ``LossFn`` of ``backbone.training.loop.train``."""
         logits = self(images, keep_mask)
         ce = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
-        return ce + self.cfg.lam * self.last_gates.float().sum(1).mean(), logits
+        gates = self.last_gates.float()
+        if self.cfg.target is None:
+            return ce + self.cfg.lam * gates.sum(1).mean(), logits
+        flops_ratio = self.flops_base + (gates @ self.flops_delta.to(gates.device)).mean()
+        return ce + self.cfg.budget_weight * (flops_ratio - self.cfg.target) ** 2, logits
 
     def gate_flops(self, image_size: int = 32) -> int:
         """FLOPs of all gates for one image (they count against the saving)."""
@@ -169,14 +187,14 @@ def load_gated(source: str | os.PathLike | dict) -> GatedResNet:
     arch = checkpoint.get("arch") or {}
     if "gates" not in arch:
         raise ConfigError("checkpoint has no gate config (arch['gates']): it is not a GatedResNet checkpoint")
-    backbone = CifarResNet(**{k: arch[k] for k in (*ARCH_FIELDS, "normalization") if k in arch})
+    backbone = model_from_arch({k: v for k, v in arch.items() if k != "gates"})
     gated = GatedResNet(backbone, GateConfig(**arch["gates"]))
     gated.load_state_dict(checkpoint["model"])
     return gated
 
 
 def train_gates(
-    backbone: CifarResNet,
+    backbone: SkippableResNet,
     train_set: ImageDataset,
     val_set: ImageDataset | None,
     gate_cfg: GateConfig,
@@ -241,6 +259,7 @@ def evaluate_gates(gated: GatedResNet, dataset: ImageDataset, batch_size: int = 
         "flops": flops.mean().item(),
         "flops_ratio": (flops / cost.full_flops).mean().item(),
         "reward": (correct_f.double() - gated.cfg.lam * blocks).mean().item(),
+        "target": gated.cfg.target,
         "keep_rate_per_block": keep_mask.float().mean(0).tolist(),
         "gate_flops": gate_flops,
     }

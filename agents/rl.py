@@ -27,11 +27,13 @@ from agents.callbacks import (
     restore_training_state,
 )
 from agents.evaluation import policy_flops
-from agents.policies import policy_kwargs
+from agents.pair import DynamicModel
+from agents.policies import BoundedPolicy, policy_kwargs
 from backbone.errors import ConfigError
 from backbone.training.interrupt import Interrupted, deferred_stop, stop_requested
 from backbone.training.loop import NonFiniteLossError
 from envs.block_skip import SkipTask
+from envs.observations import sequential_feature_statistics
 from envs.rewards import RewardConfig
 from envs.vec import BlockSkipSeqVecEnv, BlockSkipVecEnv
 
@@ -45,9 +47,16 @@ class PolicyConfig:
     algo: str = "ppo"  # ppo | a2c
     env: str = "oneshot"  # oneshot: one MultiBinary mask per image; sequential: one decision per block
     reward: RewardConfig = field(default_factory=RewardConfig)
-    extractor: str = "tiny"  # tiny | resnet: the policy's image network (one-shot only)
+    observation: str = "pixels"  # one-shot: pixels (an image network of its own) | stem (the backbone's stem features)
+    # one-shot: blocks (a keep bit per block, MultiBinary) | ladder (pick one of the best fixed
+    # subsets of each size, found exhaustively on the policy's images: Discrete(L+1))
+    action: str = "blocks"
+    ladder_search: str = "best"  # ladder: best subset of each size (exhaustive/beam) | nested (greedy elimination)
+    stem_grid: int = 4  # stem observation: average-pool the stem's output to this grid (plus channel stds)
+    extractor: str = "tiny"  # tiny | resnet: the policy's image network (pixels only)
     extractor_width: int = 16
-    obs_size: int | None = None  # one-shot: downsample the observed image to this size (cheaper policy)
+    obs_size: int | None = None  # pixels: downsample the observed image to this size (cheaper policy)
+    exploration_bound: float = 1.0  # BlockDrop's α: keep probabilities stay in [1-α, α] while training (1: off)
     num_envs: int = 64  # images per batched env step (one backbone call)
     timesteps: int = 100_000
     n_steps: int = 8  # rollout steps per env before each update
@@ -81,10 +90,41 @@ class PolicyConfig:
             (self.data_split in ("val", "train"), "policy.data_split must be val or train"),
             (self.obs_size is None or self.obs_size >= 8, "policy.obs_size must be >= 8 (or null)"),
             (not (self.curriculum and self.env == "sequential"), "policy.curriculum is for the oneshot env"),
+            (self.observation in ("pixels", "stem"), f"policy.observation must be pixels or stem, got {self.observation!r}"),
+            (self.action in ("blocks", "ladder"), f"policy.action must be blocks or ladder, got {self.action!r}"),
+            (self.ladder_search in ("best", "nested"), f"policy.ladder_search must be best or nested, got {self.ladder_search!r}"),
+            (not (self.action == "ladder" and self.env == "sequential"), "policy.action: ladder is for the oneshot env"),
+            (not (self.action == "ladder" and self.curriculum), "policy.curriculum needs policy.action: blocks"),
+            (self.stem_grid >= 1, "policy.stem_grid must be >= 1"),
+            (0.5 < self.exploration_bound <= 1, "policy.exploration_bound must be in (0.5, 1]"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+
+
+def make_skip_task(cfg: PolicyConfig, backbone, dataset, device: str | torch.device = "cpu",
+                   ladder: torch.Tensor | None = None) -> SkipTask:
+    """The task of ``cfg``'s env on ``dataset``: its reward, and for the one-shot env its
+    observation and action (``ladder``: the candidate masks of ``action: ladder``)."""
+    oneshot = cfg.env == "oneshot"
+    _check_ladder(cfg, ladder)
+    return SkipTask(backbone, dataset, cfg.reward, device=device, obs_size=cfg.obs_size,
+                    observation=cfg.observation if oneshot else "pixels", stem_grid=cfg.stem_grid,
+                    ladder=ladder if oneshot else None)
+
+
+def make_dynamic_model(cfg: PolicyConfig, backbone, model: BaseAlgorithm, ladder: torch.Tensor | None = None) -> DynamicModel:
+    """``backbone`` routed by ``model``'s policy network as ``cfg`` trained it (env, observation, ladder)."""
+    oneshot = cfg.env == "oneshot"
+    _check_ladder(cfg, ladder)
+    return DynamicModel(backbone, model.policy, cfg.env, cfg.observation if oneshot else "pixels", cfg.obs_size,
+                        cfg.stem_grid, ladder if oneshot else None)
+
+
+def _check_ladder(cfg: PolicyConfig, ladder: torch.Tensor | None) -> None:
+    if (cfg.env == "oneshot" and cfg.action == "ladder") != (ladder is not None):
+        raise ConfigError("policy.action: ladder needs the ladder of candidate masks (and only it does)")
 
 
 def make_vec_env(task: SkipTask, cfg: PolicyConfig) -> VecMonitor:
@@ -94,7 +134,9 @@ def make_vec_env(task: SkipTask, cfg: PolicyConfig) -> VecMonitor:
 
 
 def build_model(cfg: PolicyConfig, env, seed: int, device: str | torch.device = "auto") -> BaseAlgorithm:
-    """A fresh SB3 model for ``env``; image policies get a 32x32-friendly features extractor."""
+    """A fresh SB3 model for ``env`` with a :class:`~agents.policies.BoundedPolicy`: image
+    observations get a 32x32-friendly extractor, stem features a standardiser whose statistics
+    come from the env's own images."""
     kwargs = dict(
         learning_rate=cfg.learning_rate, n_steps=cfg.n_steps, gamma=cfg.gamma, gae_lambda=cfg.gae_lambda,
         ent_coef=cfg.ent_coef, seed=seed, device=device, verbose=0,
@@ -102,8 +144,20 @@ def build_model(cfg: PolicyConfig, env, seed: int, device: str | torch.device = 
     if cfg.algo == "ppo":
         kwargs.update(batch_size=min(cfg.batch_size, cfg.n_steps * cfg.num_envs), n_epochs=cfg.n_epochs)
     if cfg.env == "oneshot":
-        return ALGOS[cfg.algo]("CnnPolicy", env, policy_kwargs=policy_kwargs(cfg.extractor, cfg.extractor_width, cfg.hidden), **kwargs)
-    return ALGOS[cfg.algo]("MlpPolicy", env, policy_kwargs={"net_arch": {"pi": [cfg.hidden], "vf": [cfg.hidden]}}, **kwargs)
+        task = env.unwrapped.task
+        stats = feature_statistics(task.observation(torch.arange(task.num_images))) if task.observation_kind == "stem" else None
+        pkw = policy_kwargs(cfg.extractor, cfg.extractor_width, cfg.hidden, cfg.exploration_bound, stats)
+    else:
+        task = env.unwrapped.task
+        stats = sequential_feature_statistics(task.backbone, task.dataset.images)
+        pkw = policy_kwargs(cfg.extractor, cfg.extractor_width, cfg.hidden, cfg.exploration_bound, stats, sequential=True)
+    return ALGOS[cfg.algo](BoundedPolicy, env, policy_kwargs=pkw, **kwargs)
+
+
+def feature_statistics(features: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-feature mean and standard deviation of (N, D) observation vectors, as plain lists."""
+    features = features.double()
+    return features.mean(0).tolist(), features.std(0, unbiased=False).tolist()
 
 
 def train_policy(

@@ -4,8 +4,11 @@
 which blocks a keep mask really runs (the curriculum), the masked forward pass, the reward and
 the info dicts. Two views of one episode share it:
 
-- :class:`BlockSkipEnv` (BlockDrop-style, one step): observation = the image, action = a
-  ``MultiBinary(num_blocks)`` keep mask, reward = :func:`envs.rewards.episode_reward`.
+- :class:`BlockSkipEnv` (BlockDrop-style, one step): observation = the image or the backbone's
+  stem features (``envs.observations``), action = a ``MultiBinary(num_blocks)`` keep mask, or
+  with a ``ladder`` of candidate masks (``backbone.baselines.subset_ladder``: the best fixed
+  subset of each size) a ``Discrete(K)`` choice among them, reward =
+  :func:`envs.rewards.episode_reward`.
 - :class:`BlockSkipSeqEnv` (SkipNet-style, one step per block): observation = pooled features
   of the current activation + which block is next + the fraction of blocks used so far, action
   = run block i (1) or take its shortcut (0). Its return equals the one-shot reward.
@@ -21,14 +24,20 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from backbone.models.cost import measure_backbone_cost
 from backbone.data.datasets import DataConfig, ImageDataset, load_splits
 from backbone.errors import ConfigError
-from backbone.models.resnet import CifarResNet, run_block_masked
+from backbone.models.resnet import SkippableResNet, run_block_masked
 from backbone.models.weights import load_model
-from envs.rewards import RewardConfig, block_cost, episode_reward
+from envs.observations import (
+    OBSERVATIONS,
+    downsample_images,
+    sequential_obs_dim,
+    sequential_observation,
+    stem_features,
+)
+from envs.rewards import RewardConfig, block_cost, episode_reward, reward_score
 
 SPLITS = ("train", "val", "test")
 
@@ -36,20 +45,25 @@ SPLITS = ("train", "val", "test")
 class SkipTask:
     """The one place the episode semantics live; the single envs and the VecEnvs all call it.
 
-    ``backbone``: a CifarResNet or the path of a dyndepth checkpoint; it is put in eval mode on
+    ``backbone``: a SkippableResNet or the path of a dyndepth checkpoint; it is put in eval mode on
     ``device`` (its mode is not touched afterwards, so joint fine-tuning may change it).
     ``dataset``: the images episodes are drawn from; copied to ``device`` once.
-    ``reward``: how episodes are scored. ``obs_size``: side of the image observation (area
-    downsampling); None keeps the dataset's size. The backbone always sees the full image.
+    ``reward``: how episodes are scored. ``observation``: what the one-shot policy sees,
+    ``"pixels"`` (the image, area-downsampled to ``obs_size`` if given) or ``"stem"`` (the
+    backbone's stem features pooled to a ``stem_grid`` grid, see ``envs.observations``). The
+    backbone always sees the full image. Stem features and the full backbone's per-image scores
+    (reward baseline) are computed once here: the backbone must stay fixed while the task is used.
+    ``ladder``: (K, L) bool candidate masks; the one-shot action is then an index into them.
     """
 
-    def __init__(self, backbone: CifarResNet | str | os.PathLike, dataset: ImageDataset,
+    def __init__(self, backbone: SkippableResNet | str | os.PathLike, dataset: ImageDataset,
                  reward: RewardConfig | dict | None = None, device: str | torch.device = "cpu",
-                 obs_size: int | None = None):
+                 obs_size: int | None = None, observation: str = "pixels", stem_grid: int = 4,
+                 ladder: torch.Tensor | None = None):
         if isinstance(backbone, (str, os.PathLike)):
             backbone = load_model(backbone)
-        if not isinstance(backbone, CifarResNet):
-            raise TypeError(f"backbone must be a CifarResNet or a checkpoint path, got {type(backbone).__name__}")
+        if not isinstance(backbone, SkippableResNet):
+            raise TypeError(f"backbone must be a SkippableResNet or a checkpoint path, got {type(backbone).__name__}")
         if len(dataset) == 0:
             raise ConfigError("the environment needs at least one image, got an empty dataset")
         self.device = torch.device(device)
@@ -70,12 +84,50 @@ class SkipTask:
         self._flops_delta = torch.tensor([k - s for k, s in zip(self.cost.block_flops, self.cost.skip_flops)],
                                          dtype=torch.float64, device=self.device)
         self._labels_host = dataset.labels.cpu().numpy()  # for reset infos without a device sync
-        size = height if obs_size is None else int(obs_size)
-        if size < 1:
-            raise ConfigError(f"obs_size must be >= 1, got {obs_size}")
-        self.obs_shape = (3, size, size)
-        self._obs_images = self.dataset.images if size == height else downsample_images(self.dataset.images, size)
+        if observation not in OBSERVATIONS:
+            raise ConfigError(f"policy.observation must be one of {', '.join(OBSERVATIONS)}, got {observation!r}")
+        self.observation_kind, self.stem_grid = observation, int(stem_grid)
+        if observation == "stem":
+            if self.stem_grid < 1:
+                raise ConfigError(f"policy.stem_grid must be >= 1, got {stem_grid}")
+            self._obs = stem_features(self.backbone, self.dataset.images, self.stem_grid)
+        else:
+            size = height if obs_size is None else int(obs_size)
+            if size < 1:
+                raise ConfigError(f"obs_size must be >= 1, got {obs_size}")
+            self._obs = self.dataset.images if size == height else downsample_images(self.dataset.images, size)
+        self.obs_shape = tuple(self._obs.shape[1:])
+        # The full backbone's score per image, subtracted from every episode's score (baseline "full").
+        self._baseline = self._full_scores() if self.reward.baseline == "full" else None
         self._num_decided = self.num_blocks
+        if ladder is not None and (ladder.dim() != 2 or ladder.shape[1] != self.num_blocks):
+            raise ConfigError(f"the ladder must be (K, {self.num_blocks}) keep masks, got {tuple(ladder.shape)}")
+        self.ladder = None if ladder is None else ladder.bool().to(self.device)
+
+    def action_space(self) -> gym.Space:
+        """The one-shot action: keep bits, or an index into the ladder of candidate masks."""
+        if self.ladder is not None:
+            return gym.spaces.Discrete(len(self.ladder))
+        return gym.spaces.MultiBinary(self.num_blocks)
+
+    def keep_masks(self, actions: torch.Tensor) -> torch.Tensor:
+        """(B, L) keep masks of one-shot actions: the bits themselves, or the chosen ladder rows."""
+        actions = actions.to(self.device)
+        if self.ladder is not None:
+            return self.ladder[actions.reshape(-1).long()]
+        return actions.reshape(-1, self.num_blocks)
+
+    def observation_space(self) -> gym.spaces.Box:
+        """uint8 images in [0, 255], or unbounded float32 feature vectors."""
+        if self.observation_kind == "stem":
+            return gym.spaces.Box(-np.inf, np.inf, self.obs_shape, np.float32)
+        return gym.spaces.Box(0, 255, self.obs_shape, np.uint8)
+
+    @torch.no_grad()
+    def _full_scores(self, chunk: int = 1024) -> torch.Tensor:
+        images, labels = self.dataset.images, self.dataset.labels
+        return torch.cat([reward_score(self.reward, self.backbone(images[s:s + chunk]), labels[s:s + chunk])
+                          for s in range(0, len(images), chunk)])
 
     # ------------------------------------------------------------------ one-shot episodes
     @property
@@ -91,8 +143,8 @@ class SkipTask:
         self._num_decided = int(value)
 
     def observation(self, idx: torch.Tensor) -> torch.Tensor:
-        """The images ``idx`` as uint8 (B, 3, s, s) on the device."""
-        return self._obs_images[idx.to(self.device)]
+        """The observations of images ``idx`` on the device: uint8 (B, 3, s, s) or float32 (B, D)."""
+        return self._obs[idx.to(self.device)]
 
     def effective_mask(self, keep_mask: torch.Tensor) -> torch.Tensor:
         """``keep_mask`` (B, L), 0/1 or bool, as the bool mask that really runs (curriculum applied)."""
@@ -118,8 +170,15 @@ class SkipTask:
         prediction = logits.argmax(1)
         correct = prediction == label
         blocks_used = blocks_used.to(torch.int64)
+        score = None
+        if self.reward.kind == "linear" and (self.reward.signal, self.reward.baseline) != ("correct", "none"):
+            score = reward_score(self.reward, logits, label)
+            if self._baseline is not None:
+                score = score - self._baseline[idx]
         result = {"prediction": prediction, "label": label, "correct": correct, "blocks_used": blocks_used,
-                  "reward": episode_reward(self.reward, correct, blocks_used, self.num_blocks), "index": idx}
+                  "reward": episode_reward(self.reward, correct, blocks_used, self.num_blocks, score), "index": idx}
+        if score is not None:
+            result["score"] = score
         if mask is not None:
             result["keep_mask"] = mask
             result["flops"] = self._flops_base + mask.to(torch.float64) @ self._flops_delta
@@ -151,8 +210,9 @@ class SkipTask:
     # ------------------------------------------------------------------ sequential episodes
     @property
     def seq_obs_dim(self) -> int:
-        """D = 4·width (pooled channels) + num_blocks (one-hot block index) + 1 (fraction used)."""
-        return 4 * self.backbone.arch["width"] + self.num_blocks + 1
+        """D = 2·F (channel means and stds of the activation, F = the widest stage) + num_blocks
+        (one-hot block index) + 1 (fraction used); see ``envs.observations.sequential_observation``."""
+        return sequential_obs_dim(self.backbone.feature_dim, self.num_blocks)
 
     def seq_start(self, idx: torch.Tensor) -> torch.Tensor:
         """The activation after the stem for images ``idx``."""
@@ -186,39 +246,26 @@ class SkipTask:
             logits = self.backbone.head(h)
         result = self._result(logits, idx.to(self.device), blocks_used, keep_mask)
         dense = block_cost(self.reward, self.num_blocks) is not None
-        result["final_reward"] = result["correct"].to(torch.float32) if dense else result["reward"]
+        final = result["score"] if "score" in result else result["correct"].to(torch.float32)
+        result["final_reward"] = final if dense else result["reward"]
         return result
 
     def seq_observation(self, h: torch.Tensor, i: int, blocks_used: torch.Tensor) -> torch.Tensor:
-        """float32 (B, D): channel means of ``h`` zero-padded to 4·width, one-hot of ``i`` (all
-        zero for the terminal i == num_blocks), ``blocks_used / num_blocks``."""
-        pooled = h.detach().float().mean(dim=(2, 3))
-        pooled = F.pad(pooled, (0, 4 * self.backbone.arch["width"] - pooled.shape[1]))
-        one_hot = torch.zeros(h.shape[0], self.num_blocks, device=h.device)
-        if i < self.num_blocks:
-            one_hot[:, i] = 1.0
-        used = blocks_used.to(device=h.device, dtype=torch.float32).view(-1, 1) / self.num_blocks
-        return torch.cat([pooled, one_hot, used], dim=1)
+        """float32 (B, D) before block ``i`` (``envs.observations.sequential_observation``)."""
+        return sequential_observation(h, i, blocks_used, self.num_blocks, self.backbone.feature_dim)
 
 
-def downsample_images(images: torch.Tensor, size: int, chunk: int = 4096) -> torch.Tensor:
-    """Area-downsample uint8 images to size x size, rounded back to uint8 (in chunks: bounded memory)."""
-    parts = [F.interpolate(images[s:s + chunk].float(), size=(size, size), mode="area").round_().clamp_(0, 255)
-             for s in range(0, len(images), chunk)]
-    return torch.cat(parts).to(torch.uint8)
-
-
-def make_task(backbone: CifarResNet | str | os.PathLike | None = None, dataset: ImageDataset | None = None,
+def make_task(backbone: SkippableResNet | str | os.PathLike | None = None, dataset: ImageDataset | None = None,
               reward: RewardConfig | dict | None = None, device: str | torch.device = "cpu",
               obs_size: int | None = None, data: DataConfig | dict | None = None, split: str = "val",
-              task: SkipTask | None = None) -> SkipTask:
+              task: SkipTask | None = None, observation: str = "pixels") -> SkipTask:
     """A SkipTask from the environment constructor's arguments (see :class:`BlockSkipEnv`)."""
     if task is not None:
-        if any(arg is not None for arg in (backbone, dataset, data, reward, obs_size)):
-            raise ValueError("pass either task or backbone, dataset/data, reward, obs_size (the task has them)")
+        if any(arg is not None for arg in (backbone, dataset, data, reward, obs_size)) or observation != "pixels":
+            raise ValueError("pass either task or backbone, dataset/data, reward, obs_size, observation (the task has them)")
         return task
     if backbone is None:
-        raise ConfigError("the environment needs a backbone (a CifarResNet or a checkpoint path) or a task")
+        raise ConfigError("the environment needs a backbone (a SkippableResNet or a checkpoint path) or a task")
     if dataset is None:
         if data is None:
             raise ConfigError("the environment needs a dataset or a data config (data=..., split=...)")
@@ -230,7 +277,7 @@ def make_task(backbone: CifarResNet | str | os.PathLike | None = None, dataset: 
             except TypeError as err:  # unknown field
                 raise ConfigError(f"bad data config: {err}") from err
         dataset = getattr(load_splits(data), split)
-    return SkipTask(backbone, dataset, reward, device, obs_size)
+    return SkipTask(backbone, dataset, reward, device, obs_size, observation)
 
 
 class _SkipEnv(gym.Env):
@@ -238,11 +285,11 @@ class _SkipEnv(gym.Env):
 
     metadata = {"render_modes": []}
 
-    def __init__(self, backbone: CifarResNet | str | os.PathLike | None = None, dataset: ImageDataset | None = None,
+    def __init__(self, backbone: SkippableResNet | str | os.PathLike | None = None, dataset: ImageDataset | None = None,
                  reward: RewardConfig | dict | None = None, device: str | torch.device = "cpu",
                  obs_size: int | None = None, data: DataConfig | dict | None = None, split: str = "val",
-                 task: SkipTask | None = None):
-        self.task = make_task(backbone, dataset, reward, device, obs_size, data, split, task)
+                 task: SkipTask | None = None, observation: str = "pixels"):
+        self.task = make_task(backbone, dataset, reward, device, obs_size, data, split, task, observation)
         self.index: int | None = None  # the current episode's image; None when there is none
         self.observation_space, self.action_space = self._spaces()
 
@@ -276,18 +323,19 @@ class _SkipEnv(gym.Env):
 
 
 class BlockSkipEnv(_SkipEnv):
-    """One image per episode, one MultiBinary keep mask per image (BlockDrop-style).
+    """One image per episode, one MultiBinary keep mask (or ladder choice) per image (BlockDrop-style).
 
-    ``backbone``: a CifarResNet or a checkpoint path. Images: ``dataset``, or ``data`` (a
+    ``backbone``: a SkippableResNet or a checkpoint path. Images: ``dataset``, or ``data`` (a
     DataConfig or dict of its fields) with ``split`` in train/val/test. ``reward``: RewardConfig
     or dict. ``device``: where backbone and images live. ``obs_size``: observation side.
+    ``observation``: "pixels" or "stem" (see :class:`SkipTask`).
     ``task``: an existing SkipTask instead of all of these (many envs, one backbone).
     """
 
     _obs: np.ndarray | None = None  # the current image observation
 
     def _spaces(self) -> tuple[gym.Space, gym.Space]:
-        return gym.spaces.Box(0, 255, self.task.obs_shape, np.uint8), gym.spaces.MultiBinary(self.task.num_blocks)
+        return self.task.observation_space(), self.task.action_space()
 
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
         info = self._start(seed, options)
@@ -297,9 +345,10 @@ class BlockSkipEnv(_SkipEnv):
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
         idx = self._index_tensor()
         action = np.asarray(action)
-        if action.size != self.task.num_blocks:
-            raise ValueError(f"action must hold {self.task.num_blocks} keep bits, got shape {action.shape}")
-        result = self.task.play(idx, torch.as_tensor(action).reshape(1, -1))
+        expected = 1 if self.task.ladder is not None else self.task.num_blocks
+        if action.size != expected:
+            raise ValueError(f"action must hold {expected} value(s), got shape {action.shape}")
+        result = self.task.play(idx, self.task.keep_masks(torch.as_tensor(action)))
         self.index = None
         # The observation of a finished episode is its image (SB3 keeps it as terminal_observation);
         # a copy, since callers may keep and modify what they get.

@@ -8,7 +8,17 @@ makes and the blocks it executed (``blocks_used``, out of ``num_blocks``).
     R = 1[correct] - λ · blocks_used            (normalize=False)
     R = 1[correct] - λ · blocks_used / L        (normalize=True, L = num_blocks)
 
-λ is the price of one block in units of "one correct prediction". The expected reward is
+λ is the price of one block in units of "one correct prediction". Two options grade the
+per-image signal without changing the default (the card's reward):
+
+- ``signal``: what "correct" scores. ``"correct"`` (default) is 1[correct]; ``"prob"`` is the
+  masked backbone's probability of the true class and ``"logprob"`` its logarithm (floored at
+  ``LOGPROB_FLOOR``). With 0/1 a hopeless image is best served by running nothing and only
+  borderline images feel a block; a graded score gives every image credit for every block.
+- ``baseline``: ``"full"`` subtracts the full backbone's score on the same image. That is a
+  per-image constant, so no optimal decision changes, but the image's own difficulty leaves the
+  reward and the advantage carries the mask's effect alone.
+ The expected reward is
 ``P(correct) - λ·E[blocks_used]``, so a block is worth executing iff it raises P(correct) by
 more than λ (λ/L with ``normalize``; λ then prices the whole network, which keeps one λ
 meaningful across depths). λ = 0 asks for accuracy alone; λ ≥ 1 (≥ L normalised) makes every
@@ -38,6 +48,10 @@ import torch
 from backbone.errors import ConfigError
 
 REWARD_KINDS = ("linear", "blockdrop")
+SIGNALS = ("correct", "prob", "logprob")
+BASELINES = ("none", "full")
+#: log-probability signals are floored here (p = 0.0067): a hopeless image costs at most this much.
+LOGPROB_FLOOR = -5.0
 
 
 @dataclass
@@ -48,12 +62,16 @@ class RewardConfig:
     ``lam``: λ, the cost of one executed block (linear only).
     ``normalize``: linear only: charge λ·blocks_used/num_blocks, so λ prices the whole network.
     ``penalty``: blockdrop's γ: a wrong prediction earns −γ.
+    ``signal``: linear only: "correct" (1[correct], the default), "prob" or "logprob" (module docstring).
+    ``baseline``: linear only: "none", or "full" to subtract the full backbone's score per image.
     """
 
     kind: str = "linear"
     lam: float = 0.01
     normalize: bool = False
     penalty: float = 1.0
+    signal: str = "correct"
+    baseline: str = "none"
 
     def __post_init__(self) -> None:
         if self.kind not in REWARD_KINDS:
@@ -66,6 +84,12 @@ class RewardConfig:
                 raise ConfigError(f"policy.reward.{name} must be >= 0, got {value}")
         if not isinstance(self.normalize, bool):
             raise ConfigError(f"policy.reward.normalize must be true or false, got {self.normalize!r}")
+        if self.signal not in SIGNALS:
+            raise ConfigError(f"policy.reward.signal must be one of {', '.join(SIGNALS)}, got {self.signal!r}")
+        if self.baseline not in BASELINES:
+            raise ConfigError(f"policy.reward.baseline must be one of {', '.join(BASELINES)}, got {self.baseline!r}")
+        if self.kind != "linear" and (self.signal, self.baseline) != ("correct", "none"):
+            raise ConfigError("policy.reward.signal and baseline apply to the linear reward only")
 
     @classmethod
     def from_any(cls, value: RewardConfig | dict | None) -> RewardConfig:
@@ -75,10 +99,11 @@ class RewardConfig:
         if isinstance(value, cls):
             return value
         if isinstance(value, dict):
-            unknown = sorted(set(value) - {"kind", "lam", "normalize", "penalty"})
+            fields = ("kind", "lam", "normalize", "penalty", "signal", "baseline")
+            unknown = sorted(set(value) - set(fields))
             if unknown:
                 raise ConfigError(f"unknown field(s) policy.reward.{', policy.reward.'.join(unknown)}; "
-                                  "expected kind, lam, normalize, penalty")
+                                  f"expected {', '.join(fields)}")
             return cls(**value)
         raise ConfigError(f"policy.reward must be a mapping or RewardConfig, got {type(value).__name__}")
 
@@ -94,13 +119,24 @@ def block_cost(cfg: RewardConfig, num_blocks: int) -> float | None:
     return cfg.lam / num_blocks if cfg.normalize else cfg.lam
 
 
-def episode_reward(cfg: RewardConfig, correct: torch.Tensor, blocks_used: torch.Tensor, num_blocks: int) -> torch.Tensor:
+def reward_score(cfg: RewardConfig, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The per-image score of the linear reward, float32 (B,): 1[correct], the true class's
+    probability, or its floored log-probability (``cfg.signal``)."""
+    if cfg.signal == "correct":
+        return (logits.argmax(1) == labels).to(torch.float32)
+    log_p = torch.log_softmax(logits.float(), 1).gather(1, labels.view(-1, 1)).squeeze(1)
+    return log_p.exp() if cfg.signal == "prob" else log_p.clamp(min=LOGPROB_FLOOR)
+
+
+def episode_reward(cfg: RewardConfig, correct: torch.Tensor, blocks_used: torch.Tensor, num_blocks: int,
+                   score: torch.Tensor | None = None) -> torch.Tensor:
     """Reward of finished episodes, float32 (B,) on the inputs' device.
 
     ``correct``: bool (B,), the masked backbone's prediction was right. ``blocks_used``: (B,)
-    number of executed blocks. ``num_blocks``: blocks in the backbone (L).
+    number of executed blocks. ``num_blocks``: blocks in the backbone (L). ``score``: linear only,
+    what replaces 1[correct] (``reward_score``, minus the per-image baseline if any); None = 1[correct].
     """
-    hit = correct.to(torch.float32)
+    hit = correct.to(torch.float32) if score is None else score.to(torch.float32)
     used = blocks_used.to(torch.float32)
     if cfg.kind == "linear":
         return hit - block_cost(cfg, num_blocks) * used

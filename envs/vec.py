@@ -129,9 +129,8 @@ class BlockSkipVecEnv(_TaskVecEnv):
     """
 
     def __init__(self, task: SkipTask, num_envs: int):
-        super().__init__(task, num_envs, gym.spaces.Box(0, 255, task.obs_shape, np.uint8),
-                         gym.spaces.MultiBinary(task.num_blocks))
-        self._obs = np.zeros((num_envs,) + task.obs_shape, dtype=np.uint8)
+        super().__init__(task, num_envs, task.observation_space(), task.action_space())
+        self._obs = np.zeros((num_envs,) + task.obs_shape, dtype=self.observation_space.dtype)
         self._started = False
 
     def _observe(self) -> np.ndarray:
@@ -153,8 +152,8 @@ class BlockSkipVecEnv(_TaskVecEnv):
     def step_wait(self) -> VecEnvStepReturn:
         if not self._started:
             raise RuntimeError("call reset() before step()")
-        keep_mask = self._take_actions((self.num_envs, self.task.num_blocks))
-        result = self.task.play(self._index_tensor(), keep_mask)
+        shape = (self.num_envs,) if self.task.ladder is not None else (self.num_envs, self.task.num_blocks)
+        result = self.task.play(self._index_tensor(), self.task.keep_masks(self._take_actions(shape)))
         rewards = result["reward"].cpu().numpy()
         infos = self.task.infos(result)
         for info, obs in zip(infos, self._obs):

@@ -260,6 +260,22 @@ def bench_shortcut(device, warmup: int, repeats: int, width: int = 6, batch: int
              "slowdown": r["workaround"] / r["native"], "native_backward_timed": safe_native} for r in records]
 
 
+def bench_pair(run_dir: Path, repeats: int, stream: int = 64, batch: int = 256) -> list[dict]:
+    """The trained dynamic model of a run (policy + masked backbone, as ``experiments.evaluate``
+    loads it) against its full backbone, on the run's test images: a stream of ``stream``
+    different images at batch 1 and one batch of ``batch``; efficiency includes the policy's FLOPs."""
+    from agents.evaluation import pair_latency, policy_flops
+    from agents.rl import make_skip_task
+    from backbone.data.datasets import load_splits
+    from experiments.evaluate import load_final_pair
+
+    cfg, name, model, ladder, pair, device = load_final_pair(run_dir)
+    test = load_splits(cfg.data).test
+    extra = policy_flops(model, make_skip_task(cfg.policy, pair.backbone, test.subset(range(8)), device, ladder), cfg.policy.env)
+    rows = pair_latency(pair, test, batch, stream, repeats, device, extra)
+    return [{"bench": "pair", "run": str(run_dir), "model": name, "device": device_name(device), **r} for r in rows]
+
+
 def onednn_runs_avx512() -> bool:
     """Whether oneDNN's AVX-512 kernels run here: the CPU has them (ATen's capability) and no
     ``ONEDNN_MAX_CPU_ISA`` / ``DNNL_MAX_CPU_ISA`` caps oneDNN below them."""
@@ -327,10 +343,12 @@ def main(argv=None) -> None:
     parser.add_argument("--image-size", type=int, default=None,
                         help="skipping cases' input size (default: the family's, 32 CIFAR / 224 torchvision)")
     parser.add_argument("--json", type=Path, default=None, help="write the records to this file")
+    parser.add_argument("--run", type=Path, default=None, help="--bench pair: the run directory whose trained pair to time")
     parser.add_argument("--bench", nargs="+", default=["skipping", "env", "train", "layout", "shortcut"],
-                        choices=["skipping", "env", "train", "layout", "shortcut"],
+                        choices=["skipping", "env", "train", "layout", "shortcut", "pair"],
                         help="skipping: masked vs full forward; env: VecEnv throughput; train: data path vs tensors "
-                             "on the device; layout: channels_last vs NCHW; shortcut: the oneDNN AVX2 workaround's cost")
+                             "on the device; layout: channels_last vs NCHW; shortcut: the oneDNN AVX2 workaround's cost; "
+                             "pair: a run's trained policy + masked backbone (--run)")
     args = parser.parse_args(argv)
     try:
         device = resolve_device(args.device)
@@ -380,6 +398,15 @@ def main(argv=None) -> None:
         for r in bench_shortcut(device, args.warmup, args.repeats or 10):
             print(f"shortcut {r['arch']} {r['case']}: plain strided conv {r['native_ms']:.2f} ms, workaround "
                   f"{r['workaround_ms']:.2f} ms, slowdown {r['slowdown']:.2f}x")
+            records.append(r)
+    if "pair" in args.bench:
+        if args.run is None:
+            parser.error("--bench pair needs --run DIR (a run directory with a trained policy)")
+        print()
+        for r in bench_pair(args.run, args.repeats or 10):
+            print(f"pair {r['model']} batch {r['batch']} ({r['images']} images, {r['distinct_masks']} masks): full "
+                  f"{r['full_ms']:.2f} ms, dynamic {r['dynamic_ms']:.2f} ms per call; time ratio {r['time_ratio']:.2f}, "
+                  f"FLOPs ratio {r['flops_ratio']:.2f}, efficiency {r['efficiency']:.2f}")
             records.append(r)
     if args.json:
         write_json(args.json, {"records": records, "torch": torch.__version__, "cpu": cpu_info()})

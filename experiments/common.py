@@ -155,6 +155,19 @@ def release_run_dir(run_dir: Path) -> None:
         os.close(fd)  # closing the only descriptor releases the flock
 
 
+@contextlib.contextmanager
+def owning(run_dir: Path):
+    """Own ``run_dir`` for a block of library code (e.g. ``evaluate_run`` called from a notebook or
+    a test): taken if this process does not own it yet, and then given back at the end."""
+    already = Path(run_dir).resolve() in _held_locks
+    lock_run_dir(run_dir)
+    try:
+        yield
+    finally:
+        if not already:
+            release_run_dir(run_dir)
+
+
 @atexit.register
 def _release_all() -> None:
     for key in list(_held_locks):

@@ -1,106 +1,232 @@
-"""Baselines beside the gated model: ``python -m experiments.compare --config FILE [--set k=v …]``.
+"""The comparison at matched compute: ``python -m experiments.compare --config FILE [--set k=v …]``.
 
-Always in the same run, on the test split: the full backbone; the RL policy before and after
-joint fine-tuning; the differentiable-gate model (same backbone, fine-tuning budget); a static
-ResNet of equal FLOPs trained with the pretraining recipe; random dropping at the gated model's
-keep rate; the best fixed block subset of that size (greedy, chosen on held-out images); the
-dynamic model's most frequent mask with the backbone fine-tuned on it (same recipe as the joint
-fine-tuning: what that fine-tuning gains without per-image decisions). Writes
-``runs/<name>/{gates,baselines}/`` and the ``compare`` section of ``metrics.json``.
+Every method is a curve over its own knob on one accuracy-vs-FLOPs plot (FLOPs include the
+policy or the gates), read at the FLOPs budgets of ``study.budgets`` (``experiments.curves``):
+
+- **RL policy** over λ, before and after joint fine-tuning (from the run's policy stages);
+- **differentiable gates** trained for each budget (FLOPs-budget loss, fine-tuning budget);
+- **fixed subsets** of every size k: the best mask per size chosen on the held-out images
+  (exhaustive where 2^L ≤ 4,096, beam search beyond), on the test split as they are, and the
+  sizes that bracket each budget **fine-tuned** on their mask with the same budget as the pair;
+- **random dropping** over keep rates as it is, and at each budget's keep rate **fine-tuned**
+  with that drop rate (same budget);
+- **static ResNets** over depth and width, one within 3% of each budget, trained from scratch
+  with the pretraining recipe minus stochastic depth (``study.static_epochs`` epochs);
+- the **full backbone**, as it is and fine-tuned with the same budget (what the extra epochs
+  alone are worth), and the **per-image oracle** among the fixed-subset masks (a bound: how much
+  any per-image policy could gain on this backbone).
+
+Writes ``runs/<name>/{gates,baselines}/`` and the ``compare`` section of ``metrics.json``.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import time
 
 import torch
 
-from agents.gates import evaluate_gates, load_gated, train_gates
-from backbone.baselines import fixed_mask_accuracy, greedy_fixed_subset, masked_accuracy, random_keep_masks, static_depth_for_flops
-from backbone.models.cost import measure_backbone_cost
+from agents.gates import GateConfig, evaluate_gates, load_gated, train_gates
+from backbone.baselines import (
+    fixed_mask_accuracy,
+    masked_accuracy,
+    mask_string,
+    oracle_curve,
+    random_keep_masks,
+    static_family_for_flops,
+)
 from backbone.data.datasets import Splits, load_splits
 from backbone.errors import ConfigError
+from backbone.models.cost import measure_backbone_cost
 from backbone.models.resnet import build_resnet
-from backbone.training.loop import evaluate, resolve_device, train
 from backbone.models.weights import load_checkpoint, load_model, save_checkpoint
+from backbone.training.loop import evaluate, predict, resolve_device, stochastic_depth_sampler, train
 from experiments.common import cli, config_from_args, experiment_parser, finished_stage, tensorboard_writer, update_metrics
 from experiments.config import ExperimentConfig
+from experiments.curves import accuracy_at, headline, point
 from experiments.pretrain import backbone_path, load_backbone
-from experiments.train_policy import policy_images
+from experiments.train_policy import run_ladder
 
 STAGE = "compare"
+RL, RL_FT = "RL policy", "RL policy + joint fine-tuning"
+GATES, STATIC = "differentiable gates", "static ResNet (depth × width)"
+SUBSET, SUBSET_FT = "fixed subset", "fixed subset + fine-tuning"
+RANDOM, RANDOM_FT = "random dropping", "random dropping + fine-tuning"
+FULL, FULL_FT, ORACLE = "full backbone", "full backbone + fine-tuning", "oracle (per image, fixed-subset masks)"
 
 
-def gated_reference(metrics: dict) -> tuple[str, dict]:
-    """The dynamic model the baselines are matched to: the fine-tuned pair, else the policy."""
-    for key in ("finetune", "policy"):
-        if key in metrics:
-            return key, metrics[key]["test"]
-    raise ConfigError("no trained policy in this run: run train_policy (and finetune) first")
+def policy_points(metrics: dict) -> dict[str, list[dict]]:
+    """The RL curves from the run's policy stages (sections with "tag") and fine-tuned pairs
+    (sections with "policy_tag"); training time includes the backbone's."""
+    pretrain = metrics.get("pretrain", {}).get("train_time_s") or 0.0
+    policies = {v["tag"]: v for v in metrics.values() if isinstance(v, dict) and "tag" in v and "test" in v}
+    curves = {RL: [], RL_FT: []}
+    for tag, p in policies.items():
+        a = p["test"]["adaptivity"]
+        extra = {"lam": p["reward"]["lam"], "tag": tag, "blocks_used_std": a["blocks_used_std"],
+                 "hard_minus_easy_blocks": a.get("hard_minus_easy_blocks"), "distinct_masks": a["distinct_masks"]}
+        curves[RL].append(point(p["test"]["flops_ratio"], p["test"]["accuracy"], pretrain + p["train_time_s"], **extra))
+    for v in metrics.values():
+        if isinstance(v, dict) and "policy_tag" in v and v["policy_tag"] in policies:
+            p, a = policies[v["policy_tag"]], v["test"]["adaptivity"]
+            extra = {"lam": p["reward"]["lam"], "tag": v["policy_tag"], "blocks_used_std": a["blocks_used_std"],
+                     "hard_minus_easy_blocks": a.get("hard_minus_easy_blocks"), "distinct_masks": a["distinct_masks"]}
+            curves[RL_FT].append(point(v["test"]["flops_ratio"], v["test"]["accuracy"],
+                                       pretrain + p["train_time_s"] + v["train_time_s"], **extra))
+    return {k: sorted(v, key=lambda q: q["flops_ratio"]) for k, v in curves.items() if v}
 
 
-def _record(method: str, accuracy: float, flops: float, full_flops: float, blocks: float, train_time: float | None, **extra) -> dict:
-    return {"method": method, "accuracy": accuracy, "flops": flops, "flops_ratio": flops / full_flops,
-            "blocks_used": blocks, "train_time_s": train_time, **extra}
-
-
-def run_gates(cfg: ExperimentConfig, backbone, splits: Splits, device, resume: bool) -> dict:
-    out = cfg.run_dir / "gates"
-    if resume and (out / "gated.pt").exists():
-        gated, train_time = load_gated(out / "gated.pt").to(device), load_checkpoint(out / "gated.pt")["train_time_s"]
-    else:
-        writer = tensorboard_writer(cfg.run_dir, "gates")
-        torch.manual_seed(cfg.seed)  # gate initialisation (and Gumbel noise) use the global RNG
-        try:
-            gated, history = train_gates(copy.deepcopy(backbone), splits.train, None, cfg.gates, cfg.finetune,
-                                         checkpoint_dir=out / "checkpoints", writer=writer, resume=resume, seed=cfg.seed)
-        finally:
-            writer.close()
-        train_time = sum(r["epoch_time_s"] for r in history["history"])
-        save_checkpoint(out / "gated.pt", gated, train_time_s=train_time)
-    return {"metrics": evaluate_gates(gated, splits.test), "train_time_s": train_time}
-
-
-def run_static(cfg: ExperimentConfig, backbone, target_flops: float, splits: Splits, device, resume: bool) -> dict:
-    depth, flops = static_depth_for_flops(target_flops, backbone)
-    out = cfg.run_dir / "baselines" / f"static_resnet{depth}.pt"
+def finetuned_on_masks(cfg: ExperimentConfig, backbone, name: str, sampler, splits: Splits, resume: bool):
+    """``backbone`` fine-tuned with the joint fine-tuning's recipe and budget, each batch run with
+    ``sampler``'s masks; kept in ``baselines/<name>.pt``. Returns (model, training seconds)."""
+    out = cfg.run_dir / "baselines" / f"{name}.pt"
     if resume and out.exists():
-        model, train_time = load_model(out).to(device), load_checkpoint(out)["train_time_s"]
-    else:
-        torch.manual_seed(cfg.seed)
-        a = backbone.arch
-        model = build_resnet(depth, a["num_classes"], a["shortcut"], a["width"], a["normalization"]).to(device)
-        writer = tensorboard_writer(cfg.run_dir, f"static_resnet{depth}")
-        try:
-            history = train(model, splits.train, splits.val, cfg.pretrain, checkpoint_dir=out.parent / f"checkpoints_resnet{depth}",
-                            writer=writer, resume=resume, seed=cfg.seed, desc=f"static resnet{depth}")
-        finally:
-            writer.close()
-        train_time = sum(r["epoch_time_s"] for r in history["history"])
-        save_checkpoint(out, model, train_time_s=train_time)
-    return {"depth": depth, "flops": flops, "accuracy": evaluate(model, splits.test)["accuracy"], "train_time_s": train_time}
+        return load_model(out).to(next(backbone.parameters()).device), load_checkpoint(out)["train_time_s"]
+    model = copy.deepcopy(backbone)
+    history = train(model, splits.train, None, cfg.finetune, checkpoint_dir=out.parent / f"checkpoints_{name}",
+                    resume=resume, mask_sampler=sampler, seed=cfg.seed, desc=name)
+    train_time = sum(r["epoch_time_s"] for r in history["history"])
+    save_checkpoint(out, model, train_time_s=train_time)
+    return model, train_time
 
 
-def run_fixed_mask_finetune(cfg: ExperimentConfig, backbone, mask: torch.Tensor, splits: Splits, device, resume: bool) -> dict:
-    """The fair comparator of joint fine-tuning: the same fine-tuning recipe and budget, but one
-    fixed mask (the dynamic model's most frequent) for every image, i.e. a static sub-network."""
-    out = cfg.run_dir / "baselines" / "fixed_mask_finetuned.pt"
-    if resume and out.exists():
-        model, train_time = load_model(out).to(device), load_checkpoint(out)["train_time_s"]
-    else:
-        model = copy.deepcopy(backbone)
-        fixed = mask.to(device)
+def bracketing(flops_ratios: list[float], budget: float) -> set[int]:
+    """Indices of the cheapest point at or above ``budget`` and the dearest one at or below it."""
+    below = [i for i, f in enumerate(flops_ratios) if f <= budget]
+    above = [i for i, f in enumerate(flops_ratios) if f >= budget]
+    picked = set()
+    if below:
+        picked.add(max(below, key=lambda i: flops_ratios[i]))
+    if above:
+        picked.add(min(above, key=lambda i: flops_ratios[i]))
+    return picked
 
-        def same_mask(images: torch.Tensor, labels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-            return fixed.expand(images.shape[0], -1)
 
-        history = train(model, splits.train, None, cfg.finetune, checkpoint_dir=out.parent / "checkpoints_fixed_mask",
-                        resume=resume, mask_sampler=same_mask, seed=cfg.seed, desc="fixed-mask fine-tune")
-        train_time = sum(r["epoch_time_s"] for r in history["history"])
-        save_checkpoint(out, model, train_time_s=train_time)
-    return {"accuracy": fixed_mask_accuracy(model, splits.test, mask), "train_time_s": train_time}
+def fixed_subsets(cfg, backbone, cost, splits, pretrain_time, resume) -> tuple[dict, dict]:
+    """The run's subset ladder (``experiments.train_policy.run_ladder``: searched on held-out
+    images), its test curve as it is and fine-tuned at the sizes that bracket each budget, and
+    the per-image oracle among its masks."""
+    ladder = run_ladder(cfg, backbone, splits)
+    full = cost.full_flops
+    ratios = [f / full for f in ladder["flops"]]
+    correct = torch.stack([predict_correct(backbone, splits.test, m) for m in ladder["masks"]])
+    plain = [point(r, c.double().mean().item(), pretrain_time, k=int(m.sum()), mask=mask_string(m))
+             for r, c, m in zip(ratios, correct, ladder["masks"])]
+    tuned = []
+    sizes = sorted(set().union(*(bracketing(ratios, b) for b in cfg.study.budgets)))
+    for k in sizes:
+        mask = ladder["masks"][k]
+        fixed = mask.to(next(backbone.parameters()).device)
+        model, train_time = finetuned_on_masks(cfg, backbone, f"subset_k{k}", lambda images, *_: fixed.expand(images.shape[0], -1),
+                                               splits, resume)
+        tuned.append(point(ratios[k], fixed_mask_accuracy(model, splits.test, mask), pretrain_time + train_time,
+                           k=k, mask=mask_string(mask)))
+    oracle = oracle_curve(correct, torch.tensor(ladder["flops"]), full)
+    info = {"search": ladder["search"], "search_images": ladder["images"], "search_s": ladder["search_s"],
+            "masks": [mask_string(m) for m in ladder["masks"]], "held_out_accuracy": ladder["held_out_accuracy"]}
+    return {SUBSET: plain, SUBSET_FT: tuned}, {"oracle": oracle, "ladder": info}
+
+
+@torch.no_grad()
+def predict_correct(model, dataset, mask: torch.Tensor) -> torch.Tensor:
+    """(N,) bool: image n right with ``mask`` for every image."""
+    logits = predict(model, dataset, keep_mask_fn=lambda images: mask.to(images.device).expand(images.shape[0], -1))
+    return logits.argmax(1) == dataset.labels.cpu()
+
+
+def random_dropping(cfg, backbone, cost, splits, pretrain_time, resume) -> dict:
+    """Random dropping over ``study.keep_rates`` as it is, and fine-tuned at each budget's keep rate."""
+    full, num_blocks, n = cost.full_flops, backbone.num_blocks, len(splits.test)
+    span = sum(k - s for k, s in zip(cost.block_flops, cost.skip_flops))
+
+    def scored(model, rate: float, train_time: float, **knob) -> dict:
+        masks = random_keep_masks(n, num_blocks, rate, seed=cfg.seed)
+        return point(cost.mask_flops(masks).mean().item() / full, masked_accuracy(model, splits.test, masks),
+                     train_time, keep_rate=rate, **knob)
+
+    plain = [scored(backbone, r, pretrain_time) for r in cfg.study.keep_rates]
+    tuned = []
+    for budget in cfg.study.budgets:
+        rate = min(1.0, max(0.0, (budget * full - cost.min_flops) / span))
+        sampler = stochastic_depth_sampler(num_blocks, 1.0 - rate, "uniform")
+        model, train_time = finetuned_on_masks(cfg, backbone, f"random_keep{rate:.3f}", sampler, splits, resume)
+        tuned.append(scored(model, rate, pretrain_time + train_time, budget=budget))
+    return {RANDOM: plain, RANDOM_FT: tuned}
+
+
+def gates_for_budgets(cfg, backbone, splits, device, pretrain_time, resume) -> list[dict]:
+    """The gated model trained for each budget (FLOPs-budget loss, the fine-tuning recipe)."""
+    points = []
+    for budget in cfg.study.budgets:
+        out = cfg.run_dir / "gates" / f"target{budget:g}"
+        if resume and (out / "gated.pt").exists():
+            gated, train_time = load_gated(out / "gated.pt").to(device), load_checkpoint(out / "gated.pt")["train_time_s"]
+        else:
+            writer = tensorboard_writer(cfg.run_dir, f"gates_target{budget:g}")
+            torch.manual_seed(cfg.seed)  # gate initialisation (and Gumbel noise) use the global RNG
+            try:
+                gated, history = train_gates(copy.deepcopy(backbone), splits.train, None,
+                                             dataclasses.replace(cfg.gates, target=budget), cfg.finetune,
+                                             checkpoint_dir=out / "checkpoints", writer=writer, resume=resume, seed=cfg.seed)
+            finally:
+                writer.close()
+            train_time = sum(r["epoch_time_s"] for r in history["history"])
+            save_checkpoint(out / "gated.pt", gated, train_time_s=train_time)
+        m = evaluate_gates(gated, splits.test)
+        points.append(point(m["flops_ratio"], m["accuracy"], pretrain_time + train_time, target=budget,
+                            blocks_used_std=m["blocks_used_std"]))
+    return points
+
+
+def static_recipe(cfg: ExperimentConfig):
+    """The static networks' recipe: the backbone's, from scratch, without stochastic depth."""
+    epochs = cfg.study.static_epochs or cfg.pretrain.epochs
+    if epochs < 1:
+        raise ConfigError("the backbone is imported (pretrain.epochs: 0): set study.static_epochs, the "
+                          "from-scratch budget of the static networks (e.g. the imported backbone's epochs)")
+    warmup = min(cfg.pretrain.warmup_epochs, max(0.0, epochs - 1))
+    return dataclasses.replace(cfg.pretrain, epochs=epochs, stochastic_depth=0.0, warmup_epochs=warmup)
+
+
+def static_networks(cfg, backbone, cost, splits, device, resume) -> list[dict]:
+    """One plain ResNet per budget, the depth × width whose FLOPs lie closest to it."""
+    recipe, points = static_recipe(cfg), []
+    for budget in cfg.study.budgets:
+        depth, width, flops = static_family_for_flops(budget * cost.full_flops, backbone)
+        name = f"static_d{depth}_w{width}"
+        out = cfg.run_dir / "baselines" / f"{name}.pt"
+        if resume and out.exists():
+            model, train_time = load_model(out).to(device), load_checkpoint(out)["train_time_s"]
+        else:
+            torch.manual_seed(cfg.seed)
+            a = backbone.arch
+            model = build_resnet(depth, a["num_classes"], a["shortcut"], width, a["normalization"]).to(device)
+            writer = tensorboard_writer(cfg.run_dir, name)
+            try:
+                history = train(model, splits.train, splits.val, recipe, checkpoint_dir=out.parent / f"checkpoints_{name}",
+                                writer=writer, resume=resume, seed=cfg.seed, desc=name)
+            finally:
+                writer.close()
+            train_time = sum(r["epoch_time_s"] for r in history["history"])
+            save_checkpoint(out, model, train_time_s=train_time)
+        points.append(point(flops / cost.full_flops, evaluate(model, splits.test)["accuracy"], train_time,
+                            depth=depth, width=width, budget=budget, epochs=recipe.epochs))
+    return points
+
+
+def gap_closed(curves: dict, oracle: dict, budgets: list[float]) -> list[dict]:
+    """Per budget: how much of the oracle's lead over the best fixed subset the RL policy takes
+    (same backbone, before fine-tuning): (policy − subset) / (oracle − subset)."""
+    oracle_points = [point(f, a) for f, a in zip(oracle["flops_ratio"], oracle["accuracy"])]
+    rows = []
+    for b in budgets:
+        subset, policy = (accuracy_at(curves.get(k, []), b) for k in (SUBSET, RL))
+        bound = accuracy_at(oracle_points, b)
+        gap = None if None in (subset, policy, bound) or bound <= subset else (policy - subset) / (bound - subset)
+        rows.append({"budget": b, "fixed_subset": subset, "policy": policy, "oracle": bound, "gap_closed": gap})
+    return rows
 
 
 def run_compare(cfg: ExperimentConfig, resume: bool = False, splits: Splits | None = None) -> dict:
@@ -112,74 +238,58 @@ def run_compare(cfg: ExperimentConfig, resume: bool = False, splits: Splits | No
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
     if not backbone_path(run_dir).exists():
         raise ConfigError(f"no backbone in {run_dir}: run the earlier stages first")
-    reference_stage, reference = gated_reference(metrics)
     device = resolve_device(cfg.device)
     splits = splits if splits is not None else load_splits(cfg.data)
-    backbone = load_backbone(run_dir, device)
-    recorded = len(reference["top_masks"][0]["mask"])
-    if recorded != backbone.num_blocks:  # else the fixed-mask baseline fails after the others have trained
-        raise ConfigError(
-            f"the {reference_stage} results in {metrics_path} are for a backbone with {recorded} blocks but "
-            f"{backbone_path(run_dir)} has {backbone.num_blocks}: rerun train_policy (and finetune) for this backbone"
-        )
+    backbone = load_backbone(run_dir, device).eval()
+    for section, v in metrics.items():  # else the policy curves would mix in results of another backbone
+        if isinstance(v, dict) and "test" in v and v["test"].get("top_masks"):
+            recorded = len(v["test"]["top_masks"][0]["mask"])
+            if recorded != backbone.num_blocks:
+                raise ConfigError(
+                    f"the {section} results in {metrics_path} are for a backbone with {recorded} blocks but "
+                    f"{backbone_path(run_dir)} has {backbone.num_blocks}: rerun train_policy (and finetune) for this backbone")
     cost = measure_backbone_cost(backbone)
-    full = cost.full_flops
-    keep_rate = reference["blocks_used"] / backbone.num_blocks
+    pretrain_time = metrics.get("pretrain", {}).get("train_time_s") or 0.0
     tic = time.perf_counter()
 
-    methods = [_record("full backbone", evaluate(backbone, splits.test)["accuracy"], full, full, backbone.num_blocks,
-                       metrics.get("pretrain", {}).get("train_time_s"))]
-    if "policy" in metrics:
-        p = metrics["policy"]
-        methods.append(_record("RL policy", p["test"]["accuracy"], p["test"]["flops"], full, p["test"]["blocks_used"],
-                               p["train_time_s"], lam=p["reward"]["lam"]))
-    if "finetune" in metrics:
-        f = metrics["finetune"]
-        methods.append(_record("RL policy + joint fine-tuning", f["test"]["accuracy"], f["test"]["flops"], full,
-                               f["test"]["blocks_used"], f["train_time_s"]))
-    gates = run_gates(cfg, backbone, splits, device, resume)
-    g = gates["metrics"]
-    methods.append(_record("differentiable gates", g["accuracy"], g["flops"], full, g["blocks_used"], gates["train_time_s"], lam=cfg.gates.lam))
+    curves = {FULL: [point(1.0, evaluate(backbone, splits.test)["accuracy"], pretrain_time)], **policy_points(metrics)}
+    # The same fine-tuning budget on the full network: what the extra epochs alone are worth.
+    tuned, tuned_time = finetuned_on_masks(cfg, backbone, "full", None, splits, resume)
+    curves[FULL_FT] = [point(1.0, evaluate(tuned, splits.test)["accuracy"], pretrain_time + tuned_time)]
+    subsets, bound = fixed_subsets(cfg, backbone, cost, splits, pretrain_time, resume)
+    curves.update(subsets)
+    curves.update(random_dropping(cfg, backbone, cost, splits, pretrain_time, resume))
+    curves[GATES] = gates_for_budgets(cfg, backbone, splits, device, pretrain_time, resume)
+    curves[STATIC] = static_networks(cfg, backbone, cost, splits, device, resume)
 
-    static = run_static(cfg, backbone, reference["flops"], splits, device, resume)
-    methods.append(_record(f"static ResNet-{static['depth']} (equal FLOPs)", static["accuracy"], static["flops"], full,
-                           None, static["train_time_s"]))
-
-    random_masks = random_keep_masks(len(splits.test), backbone.num_blocks, keep_rate, seed=cfg.seed)
-    methods.append(_record(f"random dropping (keep rate {keep_rate:.2f})", masked_accuracy(backbone, splits.test, random_masks),
-                           cost.mask_flops(random_masks).mean().item(), full, random_masks.float().sum(1).mean().item(), None))
-
-    num_keep = max(1, round(reference["blocks_used"]))
-    _, held_out = policy_images(cfg, splits)
-    subset, path = greedy_fixed_subset(backbone, held_out if len(held_out) else splits.val, num_keep)
-    methods.append(_record(f"best fixed subset ({num_keep} blocks)", fixed_mask_accuracy(backbone, splits.test, subset),
-                           cost.mask_flops(subset).item(), full, num_keep, None,
-                           mask="".join("1" if b else "0" for b in subset.tolist())))
-
-    top = reference["top_masks"][0]["mask"]
-    frequent = torch.tensor([c == "1" for c in top])
-    tuned = run_fixed_mask_finetune(cfg, backbone, frequent, splits, device, resume)
-    methods.append(_record(f"most frequent mask, fine-tuned ({int(frequent.sum())} blocks)", tuned["accuracy"],
-                           cost.mask_flops(frequent).item(), full, int(frequent.sum()), tuned["train_time_s"], mask=top))
-
-    result = {"reference": reference_stage, "keep_rate": keep_rate, "methods": methods, "gates": g,
-              "fixed_subset_path": path, "wall_time_s": time.perf_counter() - tic}
+    result = {
+        "budgets": list(cfg.study.budgets),
+        "curves": curves,
+        "headline": headline(curves, cfg.study.budgets),
+        "oracle": bound["oracle"],
+        "gap_closed": gap_closed(curves, bound["oracle"], cfg.study.budgets),
+        "fixed_subset_search": bound["ladder"],
+        "static_recipe": {"epochs": static_recipe(cfg).epochs, "stochastic_depth": 0.0, "from": "scratch"},
+        "finetune_budget": {"epochs": cfg.finetune.epochs, "images": len(splits.train)},
+        "wall_time_s": time.perf_counter() - tic,
+    }
     update_metrics(run_dir, STAGE, result)
-    print_table(methods)
+    print_headline(result)
     return result
 
 
-def print_table(methods: list[dict]) -> None:
-    print(f"{'method':<42}{'top-1':>8}{'blocks':>8}{'MFLOPs':>10}{'FLOPs ratio':>13}{'train s':>9}")
-    for m in methods:
-        blocks = f"{m['blocks_used']:.2f}" if m["blocks_used"] is not None else "-"
-        train_time = f"{m['train_time_s']:.0f}" if m["train_time_s"] is not None else "-"
-        print(f"{m['method']:<42}{m['accuracy']:>8.4f}{blocks:>8}{m['flops'] / 1e6:>10.2f}{m['flops_ratio']:>13.3f}{train_time:>9}")
+def print_headline(result: dict) -> None:
+    for row in result["headline"]:
+        print(f"at {100 * row['budget']:.0f}% of the full network's FLOPs (winner: {row['winner']}):")
+        for name, acc in sorted(row["accuracy"].items(), key=lambda kv: -(kv[1] or -1)):
+            if acc is not None:
+                print(f"  {name:<40}{100 * acc:>7.2f}%")
 
 
 def main(args) -> None:
     cfg = config_from_args(args)
     resolve_device(cfg.device)
+    static_recipe(cfg)  # an imported backbone without a static budget fails before any work
     run_compare(cfg, resume=args.resume, splits=load_splits(cfg.data))
 
 

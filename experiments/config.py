@@ -21,6 +21,7 @@ from agents.rl import PolicyConfig
 from backbone.data.datasets import DataConfig
 from backbone.errors import ConfigError
 from backbone.models.resnet import NORMALIZATION, SHORTCUTS, parse_depth
+from backbone.models.torchvision_resnet import is_torchvision_name, parse_torchvision_name
 from backbone.training.loop import TrainConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -28,15 +29,34 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 
 @dataclass
 class ModelConfig:
-    """The backbone. ``init_checkpoint``: weights to import instead of training from scratch."""
+    """The backbone: a CIFAR ResNet (``resnet20``, ``resnet56``, …: depth 6n+2, with ``shortcut``
+    and ``width``) or a torchvision ResNet (``tv_resnet18`` … ``tv_resnet152``, ImageNet
+    normalisation, ``weights`` as torchvision names them, e.g. ``IMAGENET1K_V2``).
+    ``init_checkpoint``: weights to import instead of training from scratch."""
 
     arch: str = "resnet20"
     shortcut: str = "A"
     width: int = 16
     normalization: typing.Any = "cifar10"  # a name from backbone.NORMALIZATION or [mean, std]
     init_checkpoint: typing.Optional[str] = None
+    weights: typing.Optional[str] = None  # torchvision ResNets: IMAGENET1K_V1 / IMAGENET1K_V2 / DEFAULT
+
+    @property
+    def torchvision(self) -> bool:
+        return is_torchvision_name(self.arch)
 
     def __post_init__(self) -> None:
+        if isinstance(self.normalization, str) and self.normalization not in NORMALIZATION:
+            raise ConfigError(f"model.normalization must be one of {sorted(NORMALIZATION)} or [mean, std]")
+        if self.torchvision:
+            try:
+                parse_torchvision_name(self.arch)
+            except ConfigError as exc:
+                raise ConfigError(f"model.arch: {exc}") from None
+            return
+        if self.weights is not None:
+            raise ConfigError("model.weights names torchvision weights: it applies to tv_resnet* archs only "
+                              "(use model.init_checkpoint for a CIFAR ResNet checkpoint)")
         try:
             depth = parse_depth(self.arch)
         except ValueError as exc:
@@ -47,27 +67,46 @@ class ModelConfig:
             raise ConfigError(f"model.shortcut must be one of {list(SHORTCUTS)}, got {self.shortcut!r}")
         if self.width < 1:
             raise ConfigError(f"model.width must be >= 1, got {self.width}")
-        if isinstance(self.normalization, str) and self.normalization not in NORMALIZATION:
-            raise ConfigError(f"model.normalization must be one of {sorted(NORMALIZATION)} or [mean, std]")
 
 
 @dataclass
 class StudyConfig:
-    """What ``experiments.run`` does beyond one policy: baselines, a λ sweep, several seeds."""
+    """What ``experiments.run`` does beyond one policy: the comparison at matched compute, a λ
+    sweep, several seeds.
 
-    baselines: bool = True  # gates, static ResNet of equal FLOPs, random dropping, best fixed subset
+    ``budgets``: FLOPs ratios (policy included) at which every method's curve is read and the
+    headline compares them; the gates, static networks, fine-tuned fixed subsets and random
+    dropping are trained for these budgets. ``lambdas``: extra policies (each also fine-tuned
+    jointly), the RL curve. ``static_epochs``: training epochs of the static networks (from
+    scratch, the pretraining recipe without stochastic depth); null = ``pretrain.epochs``, and
+    must be set when the backbone is imported (``pretrain.epochs: 0``). ``share_backbone``: with
+    several seeds, every seed reuses the first seed's backbone (the report says so).
+    """
+
+    baselines: bool = True  # gates, static ResNets, random dropping, fixed subsets at the budgets
+    budgets: list = field(default_factory=lambda: [0.5, 0.7])
     lambdas: list = field(default_factory=list)  # extra policies, one per λ: the accuracy-vs-FLOPs curve
     seeds: typing.Optional[list] = None  # the whole study per seed (mean ± std); null: just the top-level seed
-    latency_batch: int = 256  # the "large batch" of the latency measurement (plus batch 1)
+    share_backbone: bool = False
+    static_epochs: typing.Optional[int] = None
+    keep_rates: list = field(default_factory=lambda: [0.25, 0.5, 0.75])  # random dropping without fine-tuning
+    latency_batch: int = 256  # the "large batch" of the latency measurement (plus a stream at batch 1)
     latency_repeats: int = 10
+    latency_stream: int = 64  # batch 1: this many different test images, one call each
 
     def __post_init__(self) -> None:
         if any(not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0 for v in self.lambdas):
             raise ConfigError("study.lambdas must be a list of numbers >= 0")
+        if any(not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < 1 for v in self.budgets):
+            raise ConfigError("study.budgets must be a list of FLOPs ratios in (0, 1)")
+        if any(not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v <= 1 for v in self.keep_rates):
+            raise ConfigError("study.keep_rates must be a list of keep rates in (0, 1]")
         if self.seeds is not None and (not self.seeds or any(not isinstance(s, int) or isinstance(s, bool) for s in self.seeds)):
             raise ConfigError("study.seeds must be a non-empty list of integers")
-        if self.latency_batch < 1 or self.latency_repeats < 1:
-            raise ConfigError("study.latency_batch and latency_repeats must be >= 1")
+        if self.static_epochs is not None and self.static_epochs < 1:
+            raise ConfigError("study.static_epochs must be >= 1 (or null: the pretraining epochs)")
+        if self.latency_batch < 1 or self.latency_repeats < 1 or self.latency_stream < 1:
+            raise ConfigError("study.latency_batch, latency_repeats and latency_stream must be >= 1")
 
 
 @dataclass

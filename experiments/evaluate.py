@@ -1,9 +1,11 @@
 """Evaluate a run's trained policy + backbone: ``python -m experiments.evaluate --run DIR [--json]``.
 
 On the chosen split (default test): top-1, blocks used (mean ± std), FLOPs per image including
-the policy, FLOPs ratio, wall-clock latency at batch 1 and at a large batch (warm-up, median of
-repeats, on the run's device) against the full backbone, accuracy and blocks per class and per
-difficulty level, the most frequent masks, and the training time of every stage. Updates
+the policy, FLOPs ratio, adaptivity (distinct masks, masks covering 90% of the images, blocks
+and accuracy per difficulty group, per-image keep probabilities), wall-clock latency against
+the full backbone (a stream of ``study.latency_stream`` different images at batch 1, and one
+batch of ``study.latency_batch``; warm-up, median of repeats, one precision: float32), accuracy
+and blocks per class, the most frequent masks, and the training time of every stage. Updates
 ``metrics.json`` (section ``evaluation``), ``report.md`` and the plots of the run directory;
 ``--json`` prints the evaluation as one JSON object.
 """
@@ -17,53 +19,35 @@ from pathlib import Path
 
 import torch
 
-from agents.evaluation import evaluate_policy_on, policy_flops, policy_keep_masks
-from backbone.models.cost import median_times
+from agents.adaptivity import difficulty_groups
+from agents.evaluation import evaluate_policy_on, pair_latency, policy_flops
+from agents.pair import DynamicModel
+from agents.rl import make_dynamic_model, make_skip_task
+from backbone.baselines import mask_string
 from backbone.data.datasets import load_splits
 from backbone.errors import ConfigError
-from backbone.training.loop import resolve_device
 from backbone.models.weights import load_model
-from envs.block_skip import SkipTask
-from experiments.common import cli, load_policy, update_metrics
+from backbone.training.loop import resolve_device
+from experiments.common import cli, load_policy, owning, update_metrics
 from experiments.config import load_config
-from experiments.finetune import finetune_dir
+from experiments.finetune import finetune_dir, finetune_section
 from experiments.pretrain import backbone_path
-from experiments.report import write_report
-from experiments.train_policy import policy_dir
+from experiments.report import plot_examples, write_report
+from experiments.train_policy import load_ladder, policy_dir
 
 
 def final_pair_paths(run_dir: Path, tag: str = "policy") -> tuple[str, Path, Path]:
-    """(name, backbone, policy) of the run's final dynamic model: fine-tuned if it exists."""
-    if (finetune_dir(run_dir) / "policy.zip").exists():
-        return "finetune", finetune_dir(run_dir) / "backbone.pt", finetune_dir(run_dir) / "policy.zip"
+    """(name, backbone, policy) of the run's final dynamic model of policy ``tag``: fine-tuned if it exists."""
+    if (finetune_dir(run_dir, tag) / "policy.zip").exists():
+        return finetune_section(tag), finetune_dir(run_dir, tag) / "backbone.pt", finetune_dir(run_dir, tag) / "policy.zip"
     if (policy_dir(run_dir, tag) / "policy.zip").exists():
         return tag, backbone_path(run_dir), policy_dir(run_dir, tag) / "policy.zip"
     raise ConfigError(f"{run_dir} has no trained policy (policy.zip): run experiments.train_policy first")
 
 
-def measure_latency(task: SkipTask, model, batch_sizes, repeats: int) -> list[dict]:
-    """Wall-clock per batch of the full backbone and of policy + masked backbone, same images.
-
-    The policy runs as the torch module it is, on the device (``agents.evaluation.policy_keep_masks``),
-    not through SB3's ``predict``, whose NumPy round trip is an API convenience, not model cost.
-    """
-    device, backbone, rows = task.device, task.backbone, []
-    for batch in batch_sizes:
-        idx = torch.arange(min(batch, task.num_images), device=device)
-        images, obs = task.dataset.images[idx.cpu()].to(device), task.observation(idx)
-
-        def dynamic() -> None:
-            backbone(images, policy_keep_masks(model, obs))
-
-        with torch.inference_mode():
-            times = median_times({"full": lambda: backbone(images), "dynamic": dynamic}, device, warmup=2, repeats=repeats)
-        rows.append({"batch": len(idx), "full_ms": times["full"] * 1e3, "dynamic_ms": times["dynamic"] * 1e3,
-                     "time_ratio": times["full"] / times["dynamic"]})
-    return rows
-
-
-def evaluate_run(run_dir: Path, split: str = "test", tag: str = "policy") -> dict:
-    """Evaluate the final (backbone, policy) pair of ``run_dir`` on ``split``; update its report."""
+def load_final_pair(run_dir: Path, tag: str = "policy"):
+    """(config, name, SB3 model, ladder or None, the pair as a DynamicModel, device) of the run's
+    final dynamic model of policy ``tag`` (fine-tuned if it exists)."""
     if not (run_dir / "config.yaml").exists():
         raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
     cfg = load_config(run_dir / "config.yaml")
@@ -71,26 +55,50 @@ def evaluate_run(run_dir: Path, split: str = "test", tag: str = "policy") -> dic
     name, backbone_file, policy_file = final_pair_paths(run_dir, tag)
     backbone = load_model(backbone_file, map_location=device).to(device).eval()
     model = load_policy(policy_file, cfg.policy.algo, backbone, cfg.policy.env, backbone_file, device)
-    splits = load_splits(cfg.data)
-    dataset = getattr(splits, split)
-    task = SkipTask(backbone, dataset, cfg.policy.reward, device=device, obs_size=cfg.policy.obs_size)
+    ladder = load_ladder(policy_file.parent)
+    return cfg, name, model, ladder, make_dynamic_model(cfg.policy, backbone, model, ladder).eval(), device
+
+
+def evaluate_run(run_dir: Path, split: str = "test", tag: str = "policy") -> dict:
+    """Evaluate the final (backbone, policy) pair of ``run_dir`` on ``split``; update its report."""
+    if not (run_dir / "config.yaml").exists():  # before taking the lock, which would create the folder
+        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
+    with owning(run_dir):
+        return _evaluate(run_dir, split, tag)
+
+
+def _evaluate(run_dir: Path, split: str, tag: str) -> dict:
+    cfg, name, model, ladder, pair, device = load_final_pair(run_dir, tag)
+    dataset = getattr(load_splits(cfg.data), split)
+    task = make_skip_task(cfg.policy, pair.backbone, dataset, device, ladder)
+    groups = difficulty_groups(load_model(backbone_path(run_dir), map_location=device).to(device).eval(), dataset)
     extra = policy_flops(model, task, cfg.policy.env)
-    result = evaluate_policy_on(model, task, cfg.policy.env, extra_flops=extra)
-    if cfg.policy.env == "oneshot":
-        result["latency"] = measure_latency(task, model, (1, cfg.study.latency_batch), cfg.study.latency_repeats)
-        for row in result["latency"]:
-            row["flops_ratio"] = 1 / result["flops_ratio"]  # full ÷ dynamic, to set beside time_ratio
+    result = evaluate_policy_on(model, task, cfg.policy.env, extra_flops=extra, groups=groups)
+    s = cfg.study
+    result["latency"] = pair_latency(pair, dataset, s.latency_batch, s.latency_stream, s.latency_repeats, device, extra)
+    result["examples"] = examples_by_difficulty(pair, dataset, groups[0])
+    plot_examples(dataset, result["examples"], groups[1], run_dir / "examples.png")
     metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").exists() else {}
-    times = {s: metrics[s].get("train_time_s") for s in ("pretrain", "finetune") if s in metrics}
-    times.update({k: v.get("train_time_s") for k, v in metrics.items() if isinstance(v, dict) and "tag" in v})
-    for method in metrics.get("compare", {}).get("methods", []):
-        if method["method"].startswith(("differentiable gates", "static")):
-            times[method["method"]] = method["train_time_s"]
+    times = {k: v["train_time_s"] for k, v in metrics.items()
+             if isinstance(v, dict) and isinstance(v.get("train_time_s"), (int, float))}
     result.update(model=name, split=split, device=str(device), policy_flops=extra, backbone_flops=task.cost.full_flops,
                   train_time_s=times)
     metrics = update_metrics(run_dir, "evaluation", result)
     write_report(run_dir, metrics, cfg)
     return result
+
+
+def examples_by_difficulty(pair: DynamicModel, dataset, groups: torch.Tensor, per_group: int = 6) -> list[dict]:
+    """A few images of the easiest and of the hardest group with the mask the model gave each
+    (for the report's picture of who gets which blocks)."""
+    device = next(pair.parameters()).device
+    picked = []
+    for g in (int(groups.min()), int(groups.max())):
+        idx = (groups == g).nonzero().flatten()[:per_group]
+        masks = pair.decide(dataset.images[idx.to(dataset.images.device)].to(device)).cpu()
+        picked += [{"index": int(i), "group": g, "label": int(dataset.labels[i]), "mask": mask_string(m)}
+                   for i, m in zip(idx.tolist(), masks)]
+    return picked
 
 
 def main() -> None:

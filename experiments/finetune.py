@@ -1,9 +1,11 @@
-"""Jointly fine-tune backbone and policy: ``python -m experiments.finetune --config FILE [--set k=v …]``.
+"""Jointly fine-tune backbone and policy: ``python -m experiments.finetune --config FILE [--tag T] [--set k=v …]``.
 
-Needs the run's pretrained backbone and trained policy (``--tag``, default ``policy``). Writes
-``runs/<name>/finetune/``: ``backbone.pt`` + ``policy.zip`` (the fine-tuned pair, each loadable
-on its own), ``checkpoints/last.pt`` (the pair, for ``--resume``), TensorBoard logs in
-``runs/<name>/tb/finetune/`` and the ``finetune`` section of ``metrics.json``.
+Needs the run's pretrained backbone and trained policy ``--tag`` (default ``policy``, the one
+of ``policy.reward.lam``; λ-sweep policies are ``lam<λ>``). Writes ``runs/<name>/finetune/``
+(``finetune_<tag>/`` for other tags): ``backbone.pt`` + ``policy.zip`` (the fine-tuned pair,
+each loadable on its own), ``checkpoints/last.pt`` (the pair, for ``--resume``), TensorBoard
+logs in ``runs/<name>/tb/finetune[_<tag>]/`` and the ``finetune[_<tag>]`` section of
+``metrics.json``. Works for policies of both envs (one-shot and sequential).
 """
 
 from __future__ import annotations
@@ -13,14 +15,14 @@ from pathlib import Path
 
 import torch
 
-from agents.joint import joint_finetune
 from agents.callbacks import save_atomic
 from agents.evaluation import evaluate_policy_on, policy_flops
+from agents.joint import joint_finetune
+from agents.rl import make_dynamic_model, make_skip_task
 from backbone.data.datasets import Splits, load_splits
 from backbone.errors import ConfigError
-from backbone.training.loop import resolve_device
 from backbone.models.weights import save_checkpoint
-from envs.block_skip import SkipTask
+from backbone.training.loop import resolve_device
 from experiments.common import (
     cli,
     config_from_args,
@@ -33,45 +35,53 @@ from experiments.common import (
 )
 from experiments.config import ExperimentConfig
 from experiments.pretrain import backbone_path, load_backbone
-from experiments.train_policy import policy_dir, policy_images
-
-STAGE = "finetune"
+from experiments.train_policy import load_ladder, policy_dir, policy_images, save_ladder, test_groups
 
 
-def finetune_dir(run_dir: Path) -> Path:
-    return run_dir / STAGE
+def finetune_section(tag: str = "policy") -> str:
+    """The metrics section (and directory name) of the fine-tuned pair of policy ``tag``."""
+    return "finetune" if tag == "policy" else f"finetune_{tag}"
+
+
+def finetune_dir(run_dir: Path, tag: str = "policy") -> Path:
+    return run_dir / finetune_section(tag)
 
 
 def run_finetune(cfg: ExperimentConfig, tag: str = "policy", resume: bool = False, splits: Splits | None = None) -> dict:
     """Fine-tune the run's backbone and policy ``tag`` together; evaluate the pair on the test split."""
-    run_dir, out_dir = cfg.run_dir, finetune_dir(cfg.run_dir)
-    done = finished_stage(run_dir, STAGE, out_dir / "policy.zip", resume)
+    run_dir, out_dir, section = cfg.run_dir, finetune_dir(cfg.run_dir, tag), finetune_section(tag)
+    done = finished_stage(run_dir, section, out_dir / "policy.zip", resume)
     if done is not None:
         return done
     device = resolve_device(cfg.device)
     backbone, model = load_pair(cfg, tag, device)
     splits = splits if splits is not None else load_splits(cfg.data)
     train_images, eval_images = policy_images(cfg, splits)
-    writer = tensorboard_writer(run_dir, STAGE)
+    p = cfg.policy
+    ladder = load_ladder(policy_dir(run_dir, tag))
+    pair = make_dynamic_model(p, backbone, model, ladder)
+    writer = tensorboard_writer(run_dir, section)
     torch.manual_seed(cfg.seed)  # the policy samples masks with torch's global RNG
     tic = time.perf_counter()
     try:
-        pair, result = joint_finetune(
-            backbone, model, splits.train, train_images, eval_images if len(eval_images) else None,
-            cfg.policy.reward, cfg.finetune, obs_size=cfg.policy.obs_size,
+        result = joint_finetune(
+            pair, splits.train, train_images, eval_images if len(eval_images) else None, p.reward, cfg.finetune,
             checkpoint_dir=out_dir / "checkpoints", writer=writer, resume=resume, seed=cfg.seed,
         )
     finally:
         writer.close()
     pair.eval()
-    save_checkpoint(out_dir / "backbone.pt", pair.backbone, stage=STAGE)
+    save_checkpoint(out_dir / "backbone.pt", pair.backbone, stage=section)
     save_atomic(model, out_dir / "policy.zip")  # model.policy is the fine-tuned network itself
+    if ladder is not None:
+        save_ladder(out_dir, ladder)
 
-    test_task = SkipTask(pair.backbone, splits.test, cfg.policy.reward, device=device, obs_size=cfg.policy.obs_size)
-    extra = policy_flops(model, test_task, "oneshot")
-    test = evaluate_policy_on(model, test_task, "oneshot", extra_flops=extra)
+    test_task = make_skip_task(p, pair.backbone, splits.test, device, ladder)
+    extra = policy_flops(model, test_task, p.env)
+    test = evaluate_policy_on(model, test_task, p.env, extra_flops=extra, groups=test_groups(cfg, splits, device))
     metrics = {
         "policy_tag": tag,
+        "lam": p.reward.lam,
         "epochs": cfg.finetune.epochs,
         "policy_steps": result["policy_steps"],
         "train_time_s": sum(r["epoch_time_s"] for r in result["history"]),
@@ -81,9 +91,9 @@ def run_finetune(cfg: ExperimentConfig, tag: str = "policy", resume: bool = Fals
         "history": result["history"],
         "batchnorm": "running statistics updated only by the rows each block runs on (the policy's routing)",
     }
-    update_metrics(run_dir, STAGE, metrics)
+    update_metrics(run_dir, section, metrics)
     print(
-        f"{STAGE}: test accuracy {test['accuracy']:.4f} using {test['blocks_used']:.2f} ± "
+        f"{section}: test accuracy {test['accuracy']:.4f} using {test['blocks_used']:.2f} ± "
         f"{test['blocks_used_std']:.2f} of {test_task.num_blocks} blocks, FLOPs ratio {test['flops_ratio']:.3f}; "
         f"training {metrics['train_time_s']:.0f} s; pair saved in {out_dir}"
     )
@@ -99,18 +109,16 @@ def check_inputs(cfg: ExperimentConfig, tag: str) -> None:
 def load_pair(cfg: ExperimentConfig, tag: str, device):
     """The run's backbone and policy ``tag``, checked to fit each other."""
     check_inputs(cfg, tag)
-    if cfg.policy.env != "oneshot":
-        raise ConfigError("joint fine-tuning needs a policy of the oneshot env (policy.env: oneshot)")
     backbone = load_backbone(cfg.run_dir, device)
     policy_file = policy_dir(cfg.run_dir, tag) / "policy.zip"
-    return backbone, load_policy(policy_file, cfg.policy.algo, backbone, "oneshot", backbone_path(cfg.run_dir), device)
+    return backbone, load_policy(policy_file, cfg.policy.algo, backbone, cfg.policy.env, backbone_path(cfg.run_dir), device)
 
 
 def main(args) -> None:
     cfg = config_from_args(args)
     load_pair(cfg, args.tag, resolve_device(cfg.device))  # a bad backbone or policy fails before anything is written
     splits = load_splits(cfg.data)
-    prepare_output_dir(finetune_dir(cfg.run_dir), cfg, resume=args.resume, overwrite=args.overwrite)
+    prepare_output_dir(finetune_dir(cfg.run_dir, args.tag), cfg, resume=args.resume, overwrite=args.overwrite)
     run_finetune(cfg, args.tag, resume=args.resume, splits=splits)
 
 

@@ -1,16 +1,17 @@
 """The whole study in one command: ``python -m experiments.run --config FILE [--set k=v …] [--resume]``.
 
-pretrain (or import) → train policy (+ one policy per λ of ``study.lambdas``) → joint fine-tune →
-baselines (``study.baselines``) → evaluate → report. With ``--resume`` every stage whose output
-exists is skipped, so an interrupted run continues where it stopped. With several
-``study.seeds`` each seed gets ``runs/<name>/seed<S>/`` and ``runs/<name>/summary.md`` gives
-mean ± std over seeds; with one seed the run is ``runs/<name>/``.
+pretrain (or import) → train policy (+ one policy per λ of ``study.lambdas``) → joint fine-tune
+of each → the comparison at matched compute (``study.baselines``, ``experiments.compare``) →
+evaluate → report. With ``--resume`` every stage whose output exists is skipped, so an
+interrupted run continues where it stopped. With several ``study.seeds`` each seed gets
+``runs/<name>/seed<S>/`` and ``runs/<name>/summary.md`` gives mean ± std over seeds of every
+method's accuracy at each budget (``study.share_backbone``: the seeds share the first seed's
+backbone); with one seed the run is ``runs/<name>/``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import statistics
 from pathlib import Path
 
 from backbone.data.datasets import Splits, load_splits
@@ -22,13 +23,15 @@ from experiments.common import (
     prepare_output_dir,
     prepare_run_dir,
     tensorboard_writer,
+    update_metrics,
     write_json,
 )
 from experiments.compare import run_compare
 from experiments.config import ExperimentConfig
+from experiments.curves import seed_summary
 from experiments.evaluate import evaluate_run
 from experiments.finetune import finetune_dir, run_finetune
-from experiments.pretrain import build_backbone, run_pretrain
+from experiments.pretrain import backbone_path, build_backbone, run_pretrain
 from experiments.report import sweep_points
 from experiments.train_policy import policy_dir, run_train_policy
 
@@ -47,24 +50,36 @@ def with_lambda(cfg: ExperimentConfig, lam: float) -> ExperimentConfig:
     return dataclasses.replace(cfg, policy=dataclasses.replace(cfg.policy, reward=reward))
 
 
-def run_one(cfg: ExperimentConfig, splits: Splits, resume: bool, overwrite: bool) -> dict:
-    """Every stage of one seed, each skipped on ``resume`` when its output exists."""
+def run_one(cfg: ExperimentConfig, splits: Splits, resume: bool, overwrite: bool, shared_backbone: Path | None = None) -> dict:
+    """Every stage of one seed, each skipped on ``resume`` when its output exists.
+    ``shared_backbone``: a finished run directory whose backbone (and pretrain metrics) to reuse."""
     run_dir = prepare_run_dir(cfg, resume=resume, overwrite=overwrite)
-    run_pretrain(cfg, run_dir, resume=resume, splits=splits)  # seeds torch, then builds the backbone
-    prepare_output_dir(policy_dir(run_dir), cfg, resume=resume)
-    run_train_policy(cfg, "policy", resume=resume, splits=splits)
-    for lam in cfg.study.lambdas:
-        tag, lam_cfg = f"lam{lam:g}", with_lambda(cfg, lam)
+    if shared_backbone is not None and not backbone_path(run_dir).exists():
+        share_backbone(shared_backbone, run_dir)
+    run_pretrain(cfg, run_dir, resume=resume or shared_backbone is not None, splits=splits)  # seeds torch, then builds the backbone
+    for tag, lam_cfg in [("policy", cfg)] + [(f"lam{lam:g}", with_lambda(cfg, lam)) for lam in cfg.study.lambdas]:
         prepare_output_dir(policy_dir(run_dir, tag), lam_cfg, resume=resume)
         run_train_policy(lam_cfg, tag, resume=resume, splits=splits)
-    if cfg.policy.env == "oneshot" and cfg.finetune.epochs > 0:
-        prepare_output_dir(finetune_dir(run_dir), cfg, resume=resume)
-        run_finetune(cfg, "policy", resume=resume, splits=splits)
+        if cfg.finetune.epochs > 0:
+            prepare_output_dir(finetune_dir(run_dir, tag), lam_cfg, resume=resume)
+            run_finetune(lam_cfg, tag, resume=resume, splits=splits)
     if cfg.study.baselines:
         run_compare(cfg, resume=resume, splits=splits)
     evaluation = evaluate_run(run_dir)
     log_sweep_hparams(run_dir)
     return evaluation
+
+
+def share_backbone(source: Path, run_dir: Path) -> None:
+    """Copy ``source``'s backbone and pretrain metrics into ``run_dir`` (``study.share_backbone``)."""
+    import json
+    import shutil
+
+    shutil.copy2(backbone_path(source), backbone_path(run_dir))
+    for ladder in source.glob("ladder*.json"):  # a function of the backbone and the held-out images only
+        shutil.copy2(ladder, run_dir / ladder.name)
+    pretrain = json.loads((source / "metrics.json").read_text())["pretrain"]
+    update_metrics(run_dir, "pretrain", {**pretrain, "shared_from": str(source)})
 
 
 def log_sweep_hparams(run_dir: Path) -> None:
@@ -84,30 +99,24 @@ def log_sweep_hparams(run_dir: Path) -> None:
 
 
 def summarize_seeds(cfg: ExperimentConfig, run_dirs: list[Path]) -> Path:
-    """Mean ± std over seeds of every method of the comparison (names without their details)."""
+    """Mean ± std over seeds of every method's accuracy at every budget (``experiments.curves``)."""
     import json
 
-    per_method: dict[str, dict[str, list[float]]] = {}
-    for run_dir in run_dirs:
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-        methods = metrics.get("compare", {}).get("methods", [])
-        for m in methods or [{"method": "final model", **metrics["evaluation"]}]:
-            name = m["method"].split(" (")[0]
-            entry = per_method.setdefault(name, {"accuracy": [], "flops_ratio": []})
-            entry["accuracy"].append(m["accuracy"])
-            entry["flops_ratio"].append(m["flops_ratio"])
-
-    def mean_std(values: list[float]) -> tuple[float, float]:
-        return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-    summary = {name: {k: mean_std(v) for k, v in entry.items()} | {"seeds": len(entry["accuracy"])} for name, entry in per_method.items()}
+    headlines = [json.loads((d / "metrics.json").read_text())["compare"]["headline"] for d in run_dirs]
+    rows = seed_summary(headlines)
     out = Path(cfg.output_dir) / cfg.name
-    write_json(out / "summary.json", {"seeds": cfg.study.seeds, "methods": summary})
-    lines = [f"# {cfg.name}: mean ± std over seeds {cfg.study.seeds}", "", "| method | top-1 (%) | FLOPs ratio | seeds |", "|---|---|---|---|"]
-    for name, s in summary.items():
-        (acc, acc_sd), (fr, fr_sd) = s["accuracy"], s["flops_ratio"]
-        lines.append(f"| {name} | {100 * acc:.2f} ± {100 * acc_sd:.2f} | {fr:.3f} ± {fr_sd:.3f} | {s['seeds']} |")
-    lines += ["", "Per-seed reports: " + ", ".join(f"[{d.name}]({d.name}/report.md)" for d in run_dirs), ""]
+    shared = cfg.study.share_backbone
+    write_json(out / "summary.json", {"seeds": cfg.study.seeds, "shared_backbone": shared, "budgets": rows})
+    lines = [f"# {cfg.name}: mean ± std over seeds {cfg.study.seeds}", "",
+             ("All seeds share the first seed's backbone; policies, fine-tuning and baselines are per seed."
+              if shared else "Every seed trains its own backbone."), ""]
+    for row in rows:
+        lines += [f"## At {100 * row['budget']:.0f}% of the full network's FLOPs (winner: {row['winner']})", "",
+                  "| method | top-1 (%) | seeds |", "|---|---|---|"]
+        for name, st in sorted(row["methods"].items(), key=lambda kv: -kv[1]["mean"]):
+            lines.append(f"| {name} | {100 * st['mean']:.2f} ± {100 * st['std']:.2f} | {st['seeds']} |")
+        lines.append("")
+    lines += ["Per-seed reports: " + ", ".join(f"[{d.name}]({d.name}/report.md)" for d in run_dirs), ""]
     (out / "summary.md").write_text("\n".join(lines))
     return out / "summary.md"
 
@@ -119,7 +128,8 @@ def main(args) -> None:
     build_backbone(cfg, splits.train.num_classes)  # and a bad imported checkpoint
     run_dirs = []
     for seed_cfg in seed_configs(cfg):
-        run_one(seed_cfg, splits, resume=args.resume, overwrite=args.overwrite)
+        shared = run_dirs[0] if run_dirs and cfg.study.share_backbone else None
+        run_one(seed_cfg, splits, resume=args.resume, overwrite=args.overwrite, shared_backbone=shared)
         run_dirs.append(seed_cfg.run_dir)
     print()
     if len(run_dirs) > 1:

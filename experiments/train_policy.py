@@ -9,26 +9,56 @@ Several tags (e.g. one per λ) share one backbone.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
 from pathlib import Path
 
 import torch
 
+from agents.adaptivity import difficulty_groups
 from agents.callbacks import save_atomic
 from agents.evaluation import evaluate_policy_on
-from agents.rl import train_policy
+from agents.rl import make_skip_task, train_policy
+from backbone.baselines import mask_string, subset_ladder
 from backbone.data.datasets import ImageDataset, Splits, load_splits, split_train_val
 from backbone.errors import ConfigError
 from backbone.models.resnet import CifarResNet
 from backbone.training.loop import evaluate, resolve_device
 from envs.block_skip import SkipTask
-from experiments.common import cli, config_from_args, experiment_parser, finished_stage, prepare_output_dir, update_metrics
+from experiments.common import cli, config_from_args, experiment_parser, finished_stage, prepare_output_dir, update_metrics, write_json
 from experiments.config import ExperimentConfig
 from experiments.pretrain import backbone_path, build_backbone, load_backbone
 
 
 def policy_dir(run_dir: Path, tag: str = "policy") -> Path:
     return run_dir / tag
+
+
+LADDER_FILE = "ladder.json"
+
+
+def save_ladder(directory: Path, masks: torch.Tensor) -> None:
+    """The candidate masks of a ladder policy, beside its policy.zip ("1" = block run)."""
+    write_json(directory / LADDER_FILE, {"masks": [mask_string(m) for m in masks]})
+
+
+def load_ladder(directory: Path) -> torch.Tensor | None:
+    """The ladder saved in ``directory``, or None when its policy decides keep bits."""
+    path = directory / LADDER_FILE
+    if not path.exists():
+        return None
+    try:
+        masks = json.loads(path.read_text())["masks"]
+        return torch.tensor([[c == "1" for c in m] for m in masks], dtype=torch.bool)
+    except (ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"{path} is not a ladder file (expected {{\"masks\": [\"1101...\", ...]}}): {err}") from None
+
+
+def test_groups(cfg: ExperimentConfig, splits: Splits, device) -> tuple[torch.Tensor, list[str], str]:
+    """Difficulty groups of the test images, from the run's pretrained backbone: every policy
+    and fine-tuned pair of the run is reported on the same groups."""
+    return difficulty_groups(load_backbone(cfg.run_dir, device).eval(), splits.test)
 
 
 def find_backbone(cfg: ExperimentConfig, splits: Splits, device: torch.device) -> CifarResNet:
@@ -56,14 +86,44 @@ def policy_images(cfg: ExperimentConfig, splits: Splits) -> tuple[ImageDataset, 
     return split_train_val(images, cfg.policy.eval_fraction, cfg.data.split_seed + 1)
 
 
-def policy_tasks(cfg: ExperimentConfig, backbone: CifarResNet, splits: Splits, device) -> tuple[SkipTask, SkipTask | None, SkipTask]:
+def policy_tasks(cfg: ExperimentConfig, backbone: CifarResNet, splits: Splits, device,
+                 ladder: torch.Tensor | None = None) -> tuple[SkipTask, SkipTask | None, SkipTask]:
     """(training, held-out evaluation, test) tasks sharing one backbone."""
     p = cfg.policy
     train_images, eval_images = policy_images(cfg, splits)
-    task = SkipTask(backbone, train_images, p.reward, device=device, obs_size=p.obs_size)
-    eval_task = SkipTask(backbone, eval_images, p.reward, device=device, obs_size=p.obs_size) if len(eval_images) else None
-    test_task = SkipTask(backbone, splits.test, p.reward, device=device, obs_size=p.obs_size)
+    task = make_skip_task(p, backbone, train_images, device, ladder)
+    eval_task = make_skip_task(p, backbone, eval_images, device, ladder) if len(eval_images) else None
+    test_task = make_skip_task(p, backbone, splits.test, device, ladder)
     return task, eval_task, test_task
+
+
+def run_ladder(cfg: ExperimentConfig, backbone, splits: Splits, nested: bool = False) -> dict:
+    """The fixed-subset ladder of the run's backbone: the best subset of every size k = 0..L on
+    the policy's training images (held out from the backbone; exhaustive where 2^L <= 4,096,
+    else beam search; ``nested``: greedy elimination). Computed once and kept in
+    ``runs/<name>/ladder[_nested].json``: the comparison's fixed subsets and a ladder policy's
+    candidate masks are the same. Returns {"masks": (L+1, L) bool, "held_out_accuracy",
+    "flops", "search", "search_s", "images"}."""
+    path = cfg.run_dir / ("ladder_nested.json" if nested else "ladder.json")
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if len(saved["masks"][0]) == backbone.num_blocks:
+            return {**saved, "masks": torch.tensor([[c == "1" for c in m] for m in saved["masks"]], dtype=torch.bool)}
+    images = policy_images(cfg, splits)[0]
+    tic = time.perf_counter()
+    ladder = subset_ladder(backbone.eval(), images, nested=nested)
+    ladder.update(search_s=time.perf_counter() - tic, images=len(images))
+    write_json(path, {**ladder, "masks": [mask_string(m) for m in ladder["masks"]]})
+    return ladder
+
+
+def policy_ladder(cfg: ExperimentConfig, backbone, splits: Splits, out_dir: Path) -> torch.Tensor | None:
+    """For ``policy.action: ladder``: the run's ladder (``run_ladder``), also saved beside the policy."""
+    if cfg.policy.env != "oneshot" or cfg.policy.action != "ladder":
+        return None
+    masks = run_ladder(cfg, backbone, splits, nested=cfg.policy.ladder_search == "nested")["masks"]
+    save_ladder(out_dir, masks)
+    return masks
 
 
 def run_train_policy(
@@ -77,7 +137,8 @@ def run_train_policy(
     device = resolve_device(cfg.device)
     splits = splits if splits is not None else load_splits(cfg.data)
     backbone = find_backbone(cfg, splits, device)
-    task, eval_task, test_task = policy_tasks(cfg, backbone, splits, device)
+    ladder = policy_ladder(cfg, backbone, splits, out_dir)
+    task, eval_task, test_task = policy_tasks(cfg, backbone, splits, device, ladder)
     p = cfg.policy
     print(
         f"{tag}: {p.algo} on the {p.env} env, reward {p.reward.kind} (lambda {p.reward.lam}), "
@@ -88,13 +149,17 @@ def run_train_policy(
         p, task, out_dir / "checkpoints", eval_task, seed=cfg.seed, resume=resume, tb_dir=run_dir / "tb" / tag
     )
     save_atomic(model, out_dir / "policy.zip")
-    test = evaluate_policy_on(model, test_task, p.env, extra_flops=progress["policy_flops"])
+    groups = difficulty_groups(backbone.eval(), splits.test)
+    test = evaluate_policy_on(model, test_task, p.env, extra_flops=progress["policy_flops"], groups=groups)
     full = evaluate(backbone, splits.test)
     metrics = {
         "tag": tag,
         "algo": p.algo,
         "env": p.env,
-        "reward": {"kind": p.reward.kind, "lam": p.reward.lam, "normalize": p.reward.normalize, "penalty": p.reward.penalty},
+        "observation": p.observation if p.env == "oneshot" else "activation statistics",
+        "action": p.action if p.env == "oneshot" else "run or skip, per block",
+        "ladder": None if ladder is None else [mask_string(m) for m in ladder],
+        "reward": dataclasses.asdict(p.reward),
         "timesteps": progress["timesteps"],
         "train_time_s": progress["train_time_s"],
         "wall_time_s": time.perf_counter() - tic,

@@ -175,11 +175,16 @@ def test_sequential_observation_layout(task):
     env = BlockSkipSeqEnv(task=task)
     obs, _ = env.reset(seed=0)
     width, blocks = task.backbone.arch["width"], task.num_blocks
-    assert obs.shape == (4 * width + blocks + 1,) and obs.dtype == np.float32
-    assert obs[4 * width] == 1 and obs[-1] == 0  # block 0 next, nothing used yet
-    assert not obs[width:4 * width].any()  # first-stage activations pad to the last stage's width
+    stats = 2 * 4 * width  # channel means, then channel stds, each padded to the last stage's width
+    assert obs.shape == (stats + blocks + 1,) and obs.dtype == np.float32
+    assert obs[stats] == 1 and obs[-1] == 0  # block 0 next, nothing used yet
+    assert not obs[width:4 * width].any() and not obs[5 * width:stats].any()  # first-stage padding
+    with torch.no_grad():
+        h = task.backbone.stem(task.dataset.images[env.index:env.index + 1])
+    np.testing.assert_allclose(obs[:width], h.mean(dim=(2, 3))[0].numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(obs[4 * width:5 * width], h.flatten(2).std(2, unbiased=False)[0].numpy(), rtol=1e-4, atol=1e-5)
     obs, reward, *_ = env.step(1)
-    assert obs[4 * width + 1] == 1 and obs[-1] == pytest.approx(1 / blocks)
+    assert obs[stats + 1] == 1 and obs[-1] == pytest.approx(1 / blocks)
     assert reward == pytest.approx(-0.05)
 
 

@@ -16,10 +16,9 @@ name: tiny
 data: {train_size: 400, test_size: 120, num_classes: 4, val_fraction: 0.3}
 model: {arch: resnet8, width: 4}
 pretrain: {epochs: 2, batch_size: 32, warmup_epochs: 0, stochastic_depth: 0.2}
-policy: {num_envs: 16, n_steps: 4, batch_size: 64, timesteps: 256, extractor_width: 4, eval_every: 128, checkpoint_every: 128}
+policy: {num_envs: 16, n_steps: 4, batch_size: 64, timesteps: 256, observation: stem, eval_every: 128, checkpoint_every: 128}
 finetune: {epochs: 1, batch_size: 32, policy_batch_size: 32}
-gates: {lam: 0.05}
-study: {lambdas: [0.2], latency_batch: 16, latency_repeats: 2}
+study: {lambdas: [0.2], budgets: [0.6], keep_rates: [0.5], latency_batch: 16, latency_repeats: 2, latency_stream: 4}
 """
 
 
@@ -43,17 +42,30 @@ def test_every_stage_and_baseline_is_in_the_report(study):
     work, result = study
     run_dir = work / "runs" / "tiny"
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert {"pretrain", "policy", "lam0.2", "finetune", "compare", "evaluation"} <= set(metrics)
-    names = [m["method"] for m in metrics["compare"]["methods"]]
-    for prefix in ("full backbone", "RL policy", "RL policy + joint fine-tuning", "differentiable gates",
-                   "static ResNet-", "random dropping", "best fixed subset", "most frequent mask, fine-tuned"):
-        assert any(n.startswith(prefix) for n in names), prefix
+    assert {"pretrain", "policy", "lam0.2", "finetune", "finetune_lam0.2", "compare", "evaluation"} <= set(metrics)
+    compare = metrics["compare"]
+    curves = compare["curves"]
+    assert set(curves) == {"full backbone", "full backbone + fine-tuning", "RL policy", "RL policy + joint fine-tuning", "fixed subset",
+                           "fixed subset + fine-tuning", "random dropping", "random dropping + fine-tuning",
+                           "differentiable gates", "static ResNet (depth × width)"}
+    assert len(curves["RL policy"]) == len(curves["RL policy + joint fine-tuning"]) == 2  # the main λ and 0.2
+    assert len(curves["fixed subset"]) == 4  # every size k = 0..3, chosen exhaustively on held-out images
+    assert compare["fixed_subset_search"]["search"] == "exhaustive"
+    assert compare["headline"][0]["budget"] == 0.6 and compare["headline"][0]["winner"] in curves
+    assert all(p["train_time_s"] is not None for name, pts in curves.items() for p in pts)
+    static = curves["static ResNet (depth × width)"][0]
+    assert static["knob"]["epochs"] == 2 and abs(static["flops_ratio"] - 0.6) <= 0.1
+    assert compare["oracle"]["max_accuracy"] >= curves["fixed subset"][-1]["accuracy"]
     report = (run_dir / "report.md").read_text()
-    assert "static ResNet-" in report and "random dropping" in report and "| batch |" in report
-    for png in ("accuracy_vs_flops.png", "keep_rates.png", "blocks_used.png"):
+    for text in ("Accuracy at matched FLOPs", "Winner per budget", "oracle", "Adaptivity of every policy",
+                 "distinct masks", "| batch |", "examples.png"):
+        assert text in report, text
+    for png in ("accuracy_vs_flops.png", "keep_rates.png", "blocks_used.png", "examples.png"):
         assert (run_dir / png).stat().st_size > 1000
-    for stage in ("pretrain", "policy", "lam0.2", "finetune", "gates", "hparams"):
+    for stage in ("pretrain", "policy", "lam0.2", "finetune", "gates_target0.6", "hparams"):
         assert any((run_dir / "tb" / stage).iterdir()), stage
+    evaluation = metrics["evaluation"]
+    assert {"distinct_masks", "masks_covering_90pct", "blocks_used_std", "by_difficulty", "keep_prob"} <= set(evaluation["adaptivity"])
     assert "report:" in result.stdout and "TensorBoard:" in result.stdout
 
 
@@ -63,19 +75,20 @@ def test_fine_tuned_pair_is_saved_and_loadable(study):
     from backbone.models.weights import load_model
 
     run_dir = study[0] / "runs" / "tiny"
-    assert load_model(run_dir / "finetune" / "backbone.pt").num_blocks == 3
-    assert PPO.load(run_dir / "finetune" / "policy.zip", device="cpu").action_space.n == 3
+    for folder in ("finetune", "finetune_lam0.2"):
+        assert load_model(run_dir / folder / "backbone.pt").num_blocks == 3
+        assert PPO.load(run_dir / folder / "policy.zip", device="cpu").action_space.n == 3
 
 
 def test_report_numbers_match_an_independent_re_evaluation(study):
     run_dir = study[0] / "runs" / "tiny"
     recorded = json.loads((run_dir / "metrics.json").read_text())["evaluation"]
     again = evaluate_run(run_dir)
-    for key in ("accuracy", "blocks_used", "flops", "flops_ratio", "keep_rate_per_block", "by_class"):
+    for key in ("accuracy", "blocks_used", "flops", "flops_ratio", "keep_rate_per_block", "by_class", "adaptivity"):
         assert again[key] == recorded[key], key
     assert recorded["model"] == "finetune"
     stage = json.loads((run_dir / "metrics.json").read_text())["finetune"]["test"]
-    for key in ("accuracy", "blocks_used", "flops", "keep_rate_per_block", "top_masks"):
+    for key in ("accuracy", "blocks_used", "flops", "keep_rate_per_block", "top_masks", "adaptivity"):
         assert recorded[key] == stage[key], key  # the saved pair scores as the stage measured it
 
 
@@ -94,6 +107,7 @@ def test_evaluate_cli_json(study):
     assert result.returncode == 0, result.stderr[-2000:]
     data = json.loads(result.stdout.strip().splitlines()[-1])
     assert data["split"] == "test" and [r["batch"] for r in data["latency"]] == [1, 16]
+    assert data["latency"][0]["images"] == 4 and {r["dtype"] for r in data["latency"]} == {"float32"}
     bad = run("--run", "nowhere", cwd=work, module="experiments.evaluate")
     assert bad.returncode == 2 and "not a run directory" in bad.stderr
 
@@ -107,8 +121,9 @@ def test_policy_stage_without_backbone_is_a_clear_error(tmp_path):
     assert result.returncode == 2 and "experiments.pretrain" in result.stderr
 
 
-def test_seed_summary_gives_mean_and_std(tmp_path):
+def test_seed_summary_gives_mean_and_std_at_each_budget(tmp_path):
     from experiments.config import load_config
+    from experiments.curves import headline, point
     from experiments.run import seed_configs, summarize_seeds
 
     cfg = load_config("quickstart", [f"output_dir={tmp_path}", "study.seeds=[0, 1]"])
@@ -116,11 +131,12 @@ def test_seed_summary_gives_mean_and_std(tmp_path):
     assert [c.seed for c in configs] == [0, 1] and [c.run_dir.name for c in configs] == ["seed0", "seed1"]
     for c, accuracy in zip(configs, (0.8, 0.9)):
         c.run_dir.mkdir(parents=True)
-        methods = [{"method": "static ResNet-14 (equal FLOPs)", "accuracy": accuracy, "flops_ratio": 0.5}]
-        (c.run_dir / "metrics.json").write_text(json.dumps({"compare": {"methods": methods}}))
+        rows = headline({"static ResNet": [point(0.5, accuracy)], "RL policy": [point(0.4, 0.5), point(0.6, 0.7)]}, [0.5])
+        (c.run_dir / "metrics.json").write_text(json.dumps({"compare": {"headline": rows}}))
     summary = summarize_seeds(cfg, [c.run_dir for c in configs])
-    data = json.loads((summary.parent / "summary.json").read_text())["methods"]["static ResNet-14"]
-    assert data["accuracy"][0] == pytest.approx(0.85) and data["accuracy"][1] == pytest.approx(0.0707, abs=1e-4)
+    data = json.loads((summary.parent / "summary.json").read_text())["budgets"][0]
+    assert data["methods"]["static ResNet"]["mean"] == pytest.approx(0.85)
+    assert data["methods"]["static ResNet"]["std"] == pytest.approx(0.0707, abs=1e-4) and data["winner"] == "static ResNet"
     assert "85.00 ± 7.07" in summary.read_text()
     assert [c.seed for c in seed_configs(load_config("quickstart", ["seed=7"]))] == [7]
 

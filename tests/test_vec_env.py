@@ -141,13 +141,18 @@ def test_vec_monitor_and_evaluate_policy(task):
     assert all(np.isclose(r, right, atol=1e-6) or np.isclose(r, wrong, atol=1e-6) for r in returns)
 
 
-def test_sb3_learns_on_it(task):
+def test_sb3_trains_on_both_vec_envs(task):
+    """SB3's own PPO runs on the batched envs and updates its weights (that it *learns* the task
+    is checked in tests/test_rl.py and tests/test_learnability.py)."""
     from stable_baselines3 import PPO
 
     for venv in (BlockSkipVecEnv(task, 4), BlockSkipSeqVecEnv(task, 4)):
         model = PPO("MlpPolicy", venv, n_steps=6, batch_size=12, n_epochs=1, seed=0, device="cpu",
                     policy_kwargs={"net_arch": [8]})
+        before = [p.detach().clone() for p in model.policy.parameters()]
         model.learn(24)
+        assert model.num_timesteps >= 24
+        assert any(not torch.equal(a, b) for a, b in zip(before, model.policy.parameters()))
 
 
 def test_one_backbone_call_per_step(task):

@@ -197,7 +197,9 @@ class SkippableResNet(nn.Module):
             self._call_block = call_block
             return self
         dynamo_config = torch._dynamo.config
-        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
+        # The limit was called cache_size_limit before torch 2.7 (setup.py allows torch >= 2.4).
+        limit = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+        setattr(dynamo_config, limit, max(getattr(dynamo_config, limit), 64))
         self._call_block = torch.compile(call_block, **{"dynamic": True, **compile_kwargs})
         return self
 

@@ -308,10 +308,6 @@ def _compile_for_training(model: nn.Module, cfg: TrainConfig, masked: bool) -> t
     if not hasattr(target, "compile_blocks"):
         warnings.warn(f"compile: {type(model).__name__} has no compile_blocks; its masked forward runs eagerly")
         return model, lambda: None
-    if not hasattr(torch._dynamo.config, "recompile_limit"):
-        raise ConfigError(f"compile with masks (stochastic depth, policies) needs compile_blocks, which needs "
-                          f"torch._dynamo.config.recompile_limit (torch >= 2.7; this is {torch.__version__}): "
-                          f"upgrade torch or set compile: false")
     if target._call_block is not call_block:  # the caller compiled them already: keep theirs
         return model, lambda: None
     target.compile_blocks()

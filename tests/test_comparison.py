@@ -1,0 +1,100 @@
+"""The comparison's machinery: exhaustive fixed subsets, the oracle, static networks of equal
+FLOPs, and reading curves at matched FLOPs."""
+
+import pytest
+import torch
+
+from backbone import build_resnet
+from backbone.baselines import (
+    all_mask_correctness,
+    beam_search_subsets,
+    fixed_mask_accuracy,
+    mask_table,
+    oracle_curve,
+    static_family_for_flops,
+    subset_ladder,
+)
+from backbone.data.datasets import make_synthetic
+from backbone.models.cost import measure_backbone_cost
+from experiments.curves import accuracy_at, headline, point, seed_summary, train_time_at
+
+
+def _random_bn(model):
+    for block in model.blocks:
+        torch.nn.init.uniform_(block.bn2.weight, 0.5, 1.5)
+        torch.nn.init.normal_(block.bn2.bias, std=0.1)
+    return model.eval()
+
+
+def test_every_mask_scored_in_one_pass_equals_scoring_each_mask():
+    torch.manual_seed(0)
+    model, data = _random_bn(build_resnet(14, num_classes=4, width=4, shortcut="B")), make_synthetic(40, num_classes=4)
+    correct = all_mask_correctness(model, data, batch_size=16)  # several batches
+    table = mask_table(model.num_blocks)
+    assert correct.shape == (64, 40) and table.shape == (64, 6)
+    for m in (0, 5, 22, 63):
+        with torch.no_grad():
+            expected = model(data.images, table[m].expand(40, -1)).argmax(1) == data.labels
+        assert torch.equal(correct[m], expected), m
+
+
+def test_ladder_is_the_best_subset_of_every_size():
+    torch.manual_seed(1)
+    model, data = _random_bn(build_resnet(14, num_classes=4, width=4)), make_synthetic(48, num_classes=4, seed=3)
+    ladder = subset_ladder(model, data)
+    accuracy = all_mask_correctness(model, data).double().mean(1)
+    sizes = mask_table(6).sum(1)
+    assert ladder["search"] == "exhaustive" and ladder["masks"].shape == (7, 6)
+    for k in range(7):
+        assert int(ladder["masks"][k].sum()) == k
+        assert ladder["held_out_accuracy"][k] == pytest.approx(accuracy[sizes == k].max().item())
+    assert ladder["held_out_accuracy"][6] == pytest.approx(fixed_mask_accuracy(model, data, torch.ones(6, dtype=torch.bool)))
+
+
+def test_beam_search_beyond_the_exhaustive_limit():
+    torch.manual_seed(2)
+    model = _random_bn(build_resnet(32, num_classes=4, width=2))  # 15 blocks: 32,768 masks
+    data = make_synthetic(24, num_classes=4, seed=4)
+    with pytest.raises(ValueError, match="beam_search"):
+        all_mask_correctness(model, data)
+    best = beam_search_subsets(model, data, beam=2)
+    assert sorted(best) == list(range(16)) and all(int(best[k].sum()) == k for k in best)
+    assert subset_ladder(model, data)["search"] == "beam"
+
+
+def test_oracle_gives_each_image_its_cheapest_correct_mask():
+    correct = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0]], dtype=torch.bool)  # 3 candidates x 4 images
+    curve = oracle_curve(correct, torch.tensor([1.0, 2.0, 4.0]), full_flops=4.0)
+    # Image 0 right at the cheapest mask, image 1 needs +1 FLOP, image 2 +3, image 3 never.
+    assert curve["accuracy"] == [0.25, 0.5, 0.75] and curve["flops_ratio"] == pytest.approx([0.25, 0.3125, 0.5])
+    assert curve["max_accuracy"] == 0.75 and curve["flops_ratio_at_max"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("width,budget", [(8, 0.5), (16, 0.5), (16, 0.65)])
+def test_a_static_network_within_3_percent_of_the_budget(width, budget):
+    like = build_resnet(20, num_classes=10, width=width)
+    full = measure_backbone_cost(like).full_flops
+    depth, w, flops = static_family_for_flops(budget * full, like)
+    assert abs(flops / full - budget) <= 0.03 * budget
+    assert measure_backbone_cost(build_resnet(depth, 10, width=w)).full_flops == flops
+
+
+def test_curves_are_read_at_the_budget_without_extrapolation():
+    curve = [point(0.4, 0.70, 10), point(0.6, 0.80, 20), point(0.8, 0.79, 30)]
+    assert accuracy_at(curve, 0.5) == pytest.approx(0.75)  # linear between the bracketing points
+    assert accuracy_at(curve, 0.7) == pytest.approx(0.80)  # the envelope: a cheaper point is always allowed
+    assert accuracy_at(curve, 0.9) == pytest.approx(0.80)  # spending less than the budget is allowed
+    assert accuracy_at(curve, 0.3) is None  # no point is cheap enough: no extrapolation
+    assert accuracy_at([point(0.51, 0.8)], 0.5) == 0.8 and accuracy_at([point(0.52, 0.8)], 0.5) is None  # 3%
+    assert train_time_at(curve, 0.5) == 20
+
+
+def test_headline_names_the_winner_and_seeds_give_mean_and_std():
+    curves = {"a": [point(0.4, 0.7), point(0.6, 0.8)], "b": [point(0.5, 0.78)], "full": [point(1.0, 0.9)]}
+    rows = headline(curves, [0.5, 0.6])
+    assert rows[0]["winner"] == "b" and rows[0]["accuracy"]["full"] is None
+    assert rows[1]["winner"] == "a" and rows[1]["accuracy"]["a"] == pytest.approx(0.8)
+    other = headline({"a": [point(0.4, 0.6), point(0.6, 0.7)], "b": [point(0.5, 0.70)]}, [0.5, 0.6])
+    summary = seed_summary([rows, other])
+    assert summary[0]["methods"]["a"]["mean"] == pytest.approx(0.7) and summary[0]["winner"] == "b"
+    assert summary[0]["methods"]["b"]["std"] == pytest.approx(0.0566, abs=1e-4)
