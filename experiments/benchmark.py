@@ -63,11 +63,14 @@ IMAGES_PER_CALL = 16
 
 
 def bench_skipping(arch: str, batch: int, keep_rates, mask_kinds, device, warmup: int, repeats: int, seed: int = 0,
-                   amp: bool = False, compile_blocks: bool = False, image_size: int | None = None):
+                   amp: bool = False, compile_blocks: bool = False, image_size: int | None = None, row_bucket: int = 1):
     """Masked vs full forward of ``arch`` (a CIFAR ResNet, 100 classes, or ``tv_resnet50`` …, 1000
-    classes) on ``image_size`` pixels (default: the family's, 32 or 224)."""
+    classes) on ``image_size`` pixels (default: the family's, 32 or 224). ``row_bucket``: the
+    model's ``row_bucket`` (partial batches rounded up; efficiency still counts only the mask's
+    own FLOPs, so the padding counts against it)."""
     num_classes = 1000 if is_torchvision_name(arch) else 100
     model = build_backbone(arch, num_classes).to(device).eval().compile_blocks(compile_blocks)
+    model.row_bucket = row_bucket
     image_size = image_size or getattr(model, "default_image_size", 32)
     cost = measure_backbone_cost(model, image_size)
     gen = torch.Generator().manual_seed(seed)
@@ -83,9 +86,12 @@ def bench_skipping(arch: str, batch: int, keep_rates, mask_kinds, device, warmup
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
         times = median_times(fns, device, warmup, repeats)
         memory = {name: peak_memory_mb(fn, device) for name, fn in fns.items()}
+        where = {key: time_by_op_kind(fns[key]) for key in masks}
     records = []
     for (kind, keep_rate), stream in masks.items():
         mask = torch.cat(stream).cpu()
+        split = where[(kind, keep_rate)]
+        masked_ms = times[(kind, keep_rate)] * 1e3 / calls
         flops_ratio = cost.full_flops / cost.mask_flops(mask).mean().item()
         time_ratio = times["full"] / times[(kind, keep_rate)]
         records.append({
@@ -98,6 +104,7 @@ def bench_skipping(arch: str, batch: int, keep_rates, mask_kinds, device, warmup
             "mask_kind": kind,
             "dtype": "bf16" if amp else "fp32",
             "compiled": compile_blocks,
+            "row_bucket": row_bucket,
             "blocks_kept": mask.float().mean().item(),
             "distinct_masks": len(torch.unique(mask, dim=0)),
             "time_full_ms": times["full"] * 1e3 / calls,
@@ -108,8 +115,43 @@ def bench_skipping(arch: str, batch: int, keep_rates, mask_kinds, device, warmup
             "efficiency": time_ratio / flops_ratio,
             "peak_memory_full_mb": memory["full"],
             "peak_memory_masked_mb": memory[(kind, keep_rate)],
+            # How many different row counts each block's convolutions ran with (a new count is a
+            # new shape for oneDNN): over the blocks whose rows split, the mean and the maximum.
+            **distinct_row_counts(stream),
+            # Where the masked forward's time goes (profiler shares applied to the measured time).
+            "conv_ms": split["conv"] * masked_ms,
+            "index_ms": split["index"] * masked_ms,
+            "other_ms": split["other"] * masked_ms,
         })
     return records
+
+
+def distinct_row_counts(stream) -> dict:
+    """Per block, the distinct numbers of kept rows over the calls of a stream of masks, counting
+    only partial counts (0 and all rows need no gather and run the block's usual shape)."""
+    counts = torch.stack([m.sum(0).cpu() for m in stream])  # (calls, blocks)
+    sizes = torch.tensor([m.shape[0] for m in stream]).view(-1, 1)
+    partial = (counts > 0) & (counts < sizes)
+    per_block = [len(set(counts[partial[:, i], i].tolist())) for i in range(counts.shape[1])]
+    return {"row_counts_per_block_mean": sum(per_block) / len(per_block), "row_counts_per_block_max": max(per_block)}
+
+
+#: Operators that are index work of the masked runner (gathers, scatters, row lists).
+INDEX_OPS = ("index_select", "index_copy", "nonzero", "index_put", "aten::index", "masked_select", "gather", "scatter")
+
+
+def time_by_op_kind(fn) -> dict[str, float]:
+    """Shares of ``fn``'s operator time (torch.profiler, self CPU time of leaf operators) spent in
+    convolutions, in index work (gathers and scatters of kept rows) and in everything else."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    totals = {"conv": 0.0, "index": 0.0, "other": 0.0}
+    for event in prof.key_averages():
+        name = event.key
+        kind = "conv" if "conv" in name else "index" if any(op in name for op in INDEX_OPS) else "other"
+        totals[kind] += event.self_cpu_time_total
+    whole = sum(totals.values()) or 1.0
+    return {k: v / whole for k, v in totals.items()}
 
 
 def bench_env(arch: str, num_envs: int, keep_rate: float, device, warmup: int, repeats: int, seed: int = 0) -> dict:
@@ -321,6 +363,7 @@ def print_table(records: list[dict]) -> None:
             f"{r['arch']:<12}{r['batch']:>6}{r['mask_kind']:>10}{r['keep_rate']:>6.2f}{r['time_full_ms']:>10.1f}"
             f"{r['time_masked_ms']:>11.1f}{r['time_fraction']:>10.3f}{r['flops_ratio']:>12.2f}"
             f"{r['time_ratio']:>11.2f}{r['efficiency']:>11.2f}{_mib(r['peak_memory_full_mb']):>11}/{_mib(r['peak_memory_masked_mb']):<10}"
+            f"{r['row_counts_per_block_mean']:>9.1f}{r['index_ms']:>9.2f}{r['other_ms']:>9.2f}"
         )
 
 
@@ -344,6 +387,7 @@ def main(argv=None) -> None:
                         help="skipping cases' input size (default: the family's, 32 CIFAR / 224 torchvision)")
     parser.add_argument("--json", type=Path, default=None, help="write the records to this file")
     parser.add_argument("--run", type=Path, default=None, help="--bench pair: the run directory whose trained pair to time")
+    parser.add_argument("--row-bucket", type=int, default=1, help="skipping: round partial row counts up to a multiple of this")
     parser.add_argument("--bench", nargs="+", default=["skipping", "env", "train", "layout", "shortcut"],
                         choices=["skipping", "env", "train", "layout", "shortcut", "pair"],
                         help="skipping: masked vs full forward; env: VecEnv throughput; train: data path vs tensors "
@@ -367,7 +411,7 @@ def main(argv=None) -> None:
             for batch in args.batch or ([1, 32] if imagenet else batches):
                 repeats = args.repeats or (3 if imagenet else (20 if batch == 1 else 5) // (2 if args.quick else 1))
                 records += bench_skipping(arch, batch, args.keep, args.masks, device, args.warmup, max(repeats, 3),
-                                          amp=args.amp, compile_blocks=args.compile, image_size=args.image_size)
+                                          amp=args.amp, compile_blocks=args.compile, row_bucket=args.row_bucket, image_size=args.image_size)
                 print(f"done: {arch} batch {batch}", flush=True)
         print_table(records)
     # The other benches are about the CIFAR path (32 px data, the VecEnv, the oneDNN workaround).

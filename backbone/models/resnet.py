@@ -116,6 +116,7 @@ def run_block_masked(
     gate: torch.Tensor | None = None,
     inplace: bool = False,
     call: Callable[..., torch.Tensor] | None = None,
+    row_bucket: int = 1,
 ) -> torch.Tensor:
     """Run ``block`` only on rows ``keep_rows``; rows ``skip_rows`` take the shortcut.
 
@@ -124,13 +125,21 @@ def run_block_masked(
     ``x``'s memory format. ``inplace``: an identity-shortcut block may write its kept rows into
     ``x`` itself (saves a full copy; only for an intermediate nobody else needs, without autograd).
     ``call(block, x, gate)`` runs the block (default: eagerly; see ``SkippableResNet.compile_blocks``).
+    ``row_bucket``: run the block on a number of rows rounded up to a multiple of this (the last
+    kept row repeated, its copies dropped after), so that the convolutions see few distinct batch
+    shapes; inference only (a training-mode BatchNorm would count the copies).
     """
     call = call or call_block
     if skip_rows.numel() == 0:
         return call(block, x, gate)
     if keep_rows.numel() == 0:
         return block.skip(x)
-    kept = call(block, _take_rows(x, keep_rows), gate)
+    count = keep_rows.numel()
+    if row_bucket > 1 and count % row_bucket and gate is None and not torch.is_grad_enabled():
+        padded = torch.cat([keep_rows, keep_rows[-1:].expand(row_bucket - count % row_bucket)])
+        kept = call(block, _take_rows(x, padded), gate)[:count]
+    else:
+        kept = call(block, _take_rows(x, keep_rows), gate)
     if not block.downsamples:
         # Identity shortcut: skipped rows keep their activation, kept rows are overwritten, in a
         # copy unless allowed in place (with autograd the previous layer saved x for its backward).
@@ -182,6 +191,9 @@ class SkippableResNet(nn.Module):
     _blocks: tuple[nn.Module, ...] = ()
     _call_block: Callable[..., torch.Tensor] = staticmethod(call_block)
     arch: dict
+    #: Inference: partial batches of kept rows are rounded up to a multiple of this many rows
+    #: (``run_block_masked``'s ``row_bucket``); 1 = exact row counts.
+    row_bucket: int = 1
 
     def compile_blocks(self, enabled: bool = True, **compile_kwargs) -> SkippableResNet:
         """Run every block through ``torch.compile`` (``enabled=False``: eagerly again); returns self.
@@ -262,7 +274,7 @@ class SkippableResNet(nn.Module):
                 gate = keep_mask[keep_rows, i] if with_gate else None
                 # x is this forward's own intermediate: without autograd it may be overwritten.
                 inplace = not (torch.is_grad_enabled() and x.requires_grad)
-                x = run_block_masked(block, x, keep_rows, skip_rows, gate, inplace, call)
+                x = run_block_masked(block, x, keep_rows, skip_rows, gate, inplace, call, self.row_bucket)
         return x
 
 
