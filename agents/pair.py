@@ -32,11 +32,53 @@ def greedy_decisions(policy: torch.nn.Module, observations: torch.Tensor) -> tor
     NumPy: what a deployed model pays): (B, L) bool keep bits, or (B,) the chosen index of a
     discrete action (the sequential env's run/skip, a ladder rung)."""
     with torch.no_grad():
-        features = policy.extract_features(observations, policy.pi_features_extractor)
-        logits = policy.action_net(policy.mlp_extractor.forward_actor(features))
+        head = _fused_head(policy)
+        if head is not None:
+            logits = head(observations)
+        else:
+            features = policy.extract_features(observations, policy.pi_features_extractor)
+            logits = policy.action_net(policy.mlp_extractor.forward_actor(features))
     if isinstance(policy.action_dist, BernoulliDistribution):
         return logits > 0  # the exploration bound keeps p > 0.5 exactly where the logit is > 0
     return logits.argmax(1)  # the bound keeps the order of the probabilities
+
+
+class _FusedHead:
+    """A stem-feature policy's actor as two matrix products: the standardisation folded into the
+    first layer (``W·((x − m)·s) + b = (W·s)·x + (b − W·s·m)``). At batch 1 each module call of
+    SB3's path costs as much as its arithmetic, and the policy's time counts against the saving."""
+
+    def __init__(self, policy: torch.nn.Module):
+        extractor, (first, act), last = policy.pi_features_extractor, policy.mlp_extractor.policy_net, policy.action_net
+        w = first.weight * extractor.inv_std
+        self.w1, self.b1 = w.detach().clone(), (first.bias - w @ extractor.mean).detach().clone()
+        self.w2, self.b2, self.act = last.weight.detach().clone(), last.bias.detach().clone(), act
+        self.version = _weights_version(policy)
+
+    def __call__(self, observations: torch.Tensor) -> torch.Tensor:
+        hidden = self.act(torch.addmm(self.b1, observations.flatten(1).float(), self.w1.t()))
+        return torch.addmm(self.b2, hidden, self.w2.t())
+
+
+def _weights_version(policy: torch.nn.Module) -> tuple:
+    # In-place updates (optimiser steps, load_state_dict) bump a tensor's version counter.
+    return tuple((id(p), p._version) for p in policy.parameters())
+
+
+def _fused_head(policy: torch.nn.Module) -> _FusedHead | None:
+    """The cached fused actor of a policy with a stem-feature standardiser and one hidden layer
+    (rebuilt when its weights changed), else None (the general SB3 path)."""
+    from agents.policies import StemFeatures
+
+    net = policy.mlp_extractor.policy_net
+    if not (isinstance(policy.pi_features_extractor, StemFeatures) and len(net) == 2
+            and isinstance(net[0], torch.nn.Linear)):
+        return None
+    head = getattr(policy, "_dyndepth_fused_head", None)
+    if head is None or head.version != _weights_version(policy):
+        head = _FusedHead(policy)
+        policy._dyndepth_fused_head = head
+    return head
 
 
 @dataclass

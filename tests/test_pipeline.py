@@ -165,3 +165,17 @@ def test_two_runs_with_the_same_seed_give_the_same_metrics(study, tmp_path):
     assert other_seed.returncode == 0, other_seed.stderr[-2000:]
     third = json.loads((tmp_path / "runs" / "seed1" / "metrics.json").read_text())["pretrain"]
     assert _without_timings(third["history"]) != _without_timings(first["pretrain"]["history"])
+
+
+def test_difficulty_probe_cli(study):
+    work, _ = study
+    result = run("--run", "runs/tiny", "--json", cwd=work, module="experiments.probe")
+    assert result.returncode == 0, result.stderr[-2000:]
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(data["probes"]) == {"pixels (8x8)", "stem", "after stage 1"}
+    for probe in data["probes"].values():
+        assert 0 <= probe["group_accuracy"] <= 1 and -1 <= probe["correlation"] <= 1 and probe["chance"] == 0.25
+    # The synthetic levels differ in noise and contrast, which the stem's statistics see.
+    assert data["probes"]["stem"]["group_accuracy"] > 0.4
+    bad = run("--run", "nowhere", cwd=work, module="experiments.probe")
+    assert bad.returncode == 2 and "not a run directory" in bad.stderr
