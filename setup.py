@@ -23,5 +23,6 @@ setup(
         "tqdm>=4.60",
         "matplotlib>=3.7",
     ],
-    extras_require={"test": ["pytest>=7.4", "pytest-timeout>=2.1"]},
+    # ray.tune.RunConfig / FailureConfig / report arrived in Ray 2.41; tested with 2.60.
+    extras_require={"sweep": ["ray[tune]>=2.41"], "test": ["pytest>=7.4", "pytest-timeout>=2.1", "ray[tune]>=2.41"]},
 )
