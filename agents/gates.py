@@ -24,8 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from backbone.models.cost import count_flops, measure_backbone_cost
-from backbone.data.batching import BatchLoader
 from backbone.data.datasets import ImageDataset
+from backbone.data.streaming import ImageFiles, image_size_of, make_loader
 from backbone.errors import ConfigError
 from backbone.models.resnet import BackboneWrapper, SkippableResNet, check_keep_mask, run_block_masked
 from backbone.training.loop import TrainConfig, train
@@ -195,8 +195,8 @@ def load_gated(source: str | os.PathLike | dict) -> GatedResNet:
 
 def train_gates(
     backbone: SkippableResNet,
-    train_set: ImageDataset,
-    val_set: ImageDataset | None,
+    train_set: ImageDataset | ImageFiles,
+    val_set: ImageDataset | ImageFiles | None,
     gate_cfg: GateConfig,
     train_cfg: TrainConfig,
     checkpoint_dir: str | os.PathLike | None = None,
@@ -228,8 +228,8 @@ def train_gates(
 
 
 @torch.no_grad()
-def evaluate_gates(gated: GatedResNet, dataset: ImageDataset, batch_size: int = 512, amp: bool = True) -> dict:
-    """The gated model (eval mode, real skipping) on every image of ``dataset``.
+def evaluate_gates(gated: GatedResNet, dataset: ImageDataset | ImageFiles, batch_size: int = 512, amp: bool = True) -> dict:
+    """The gated model (eval mode, real skipping) on every image of ``dataset`` (in memory or streamed).
 
     Same keys as ``agents.evaluation.evaluate_policy_on``; ``flops`` includes the gates' own FLOPs and
     ``reward`` is the RL reward ``correct − λ·blocks_used`` at the gates' λ.
@@ -238,7 +238,7 @@ def evaluate_gates(gated: GatedResNet, dataset: ImageDataset, batch_size: int = 
     was_training = gated.training
     gated.eval()
     correct, keep = [], []
-    for images, labels in BatchLoader(dataset, batch_size, shuffle=False, device=device).epoch_batches(0):
+    for images, labels in make_loader(dataset, batch_size, shuffle=False, device=device).epoch_batches(0):
         # bf16 on CUDA, as backbone.training.loop.evaluate does, so decisions match the val accuracy logged in training.
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
             logits = gated(images)
@@ -248,8 +248,9 @@ def evaluate_gates(gated: GatedResNet, dataset: ImageDataset, batch_size: int = 
     correct_f = torch.cat(correct).float() if correct else torch.zeros(0)
     keep_mask = torch.cat(keep) if keep else torch.zeros(0, gated.num_blocks, dtype=torch.bool)
     blocks = keep_mask.sum(1).double()
-    cost = measure_backbone_cost(gated.backbone)
-    gate_flops = gated.gate_flops()
+    image_size = image_size_of(dataset)  # FLOPs at the size the images have
+    cost = measure_backbone_cost(gated.backbone, image_size)
+    gate_flops = gated.gate_flops(image_size)
     flops = cost.mask_flops(keep_mask) + gate_flops
     metrics = {
         "num_images": len(dataset),

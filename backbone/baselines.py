@@ -1,13 +1,17 @@
 """Honest baselines for a dynamic-depth model: what the same compute buys without a policy.
 
 - **Static ResNets** over depth *and* width (:func:`static_family_for_flops`): the plain network
-  whose FLOPs lie closest to a target, so one lies within a few percent of any budget.
+  whose FLOPs lie closest to a target, so one lies within a few percent of any budget. For a
+  torchvision backbone the family is torchvision's depths (:func:`static_torchvision_for_flops`:
+  ResNet-18/34/50 only, so the closest may lie far from a budget).
 - **Random dropping** (:func:`random_keep_masks`): every image keeps each block with a keep rate.
 - **Fixed subsets** at every size k: every one of the 2^L masks scored exactly on held-out images
   where 2^L ≤ ``EXHAUSTIVE_LIMIT`` (:func:`all_mask_correctness`, one pass that shares the
   activations of common prefixes), else a beam search (:func:`beam_search_subsets`). The best
   mask of each size is the *ladder* (:func:`subset_ladder`), also the candidate set of the
   per-image oracle (``agents.oracle``).
+
+Every function takes a split in memory (``ImageDataset``) or streamed from disk (``ImageFiles``).
 """
 
 from __future__ import annotations
@@ -16,20 +20,23 @@ import math
 
 import torch
 
-from backbone.data.batching import BatchLoader
 from backbone.data.datasets import ImageDataset
+from backbone.data.streaming import ImageFiles, image_size_of, make_loader
 from backbone.models.cost import BackboneCost, measure_backbone_cost
-from backbone.models.resnet import CifarResNet, build_resnet
+from backbone.models.resnet import CifarResNet, SkippableResNet
+from backbone.models.weights import model_from_arch
 from backbone.training.loop import predict
 
 #: Largest mask space scored exhaustively (2^12); beyond it, beam search on held-out images.
 EXHAUSTIVE_LIMIT = 4096
 STATIC_DEPTHS = tuple(6 * n + 2 for n in range(1, 10))  # 8, 14, ..., 56
+#: The static family of a torchvision backbone: torchvision's plain networks up to ResNet-50.
+STATIC_TORCHVISION = ("resnet18", "resnet34", "resnet50")
+Images = ImageDataset | ImageFiles  # a split in memory or streamed
 
 
 def static_flops(depth: int, width: int, like: CifarResNet, image_size: int = 32) -> int:
-    a = like.arch
-    model = build_resnet(depth, a["num_classes"], a["shortcut"], width, a["normalization"])
+    model = model_from_arch({**like.arch, "depth": depth, "width": width})
     return measure_backbone_cost(model, image_size).full_flops
 
 
@@ -59,13 +66,25 @@ def static_family_for_flops(target_flops: float, like: CifarResNet, depths=STATI
     return min(candidates, key=lambda c: abs(c[2] - target_flops))
 
 
+def static_torchvision_for_flops(target_flops: float, like: SkippableResNet, image_size: int = 224,
+                                 names=STATIC_TORCHVISION) -> tuple[str, int]:
+    """(name, FLOPs) of the torchvision ResNet of ``names`` (with ``like``'s classes and
+    normalisation) whose FLOPs at ``image_size`` lie closest to ``target_flops``. The family has
+    only these points (ResNet-18 ≈ 0.44 and ResNet-34 ≈ 0.90 of a ResNet-50), so the closest
+    may be far from the target."""
+    flops = {name: measure_backbone_cost(model_from_arch({**like.arch, "name": name}), image_size).full_flops
+             for name in names}
+    name = min(flops, key=lambda n: abs(flops[n] - target_flops))
+    return name, flops[name]
+
+
 def random_keep_masks(num_images: int, num_blocks: int, keep_rate: float, seed: int = 0) -> torch.Tensor:
     """Random dropping: a (num_images, num_blocks) mask keeping each block with ``keep_rate``."""
     gen = torch.Generator().manual_seed(seed)
     return torch.rand(num_images, num_blocks, generator=gen) < keep_rate
 
 
-def masked_accuracy(model: CifarResNet, dataset: ImageDataset, masks: torch.Tensor, batch_size: int = 512) -> float:
+def masked_accuracy(model: SkippableResNet, dataset: Images, masks: torch.Tensor, batch_size: int = 512) -> float:
     """Top-1 accuracy of ``model`` when image ``i`` of ``dataset`` runs with ``masks[i]``."""
     start = 0
 
@@ -79,7 +98,7 @@ def masked_accuracy(model: CifarResNet, dataset: ImageDataset, masks: torch.Tens
     return (logits.argmax(1) == dataset.labels.cpu()).float().mean().item()
 
 
-def fixed_mask_accuracy(model: CifarResNet, dataset: ImageDataset, mask: torch.Tensor, batch_size: int = 512) -> float:
+def fixed_mask_accuracy(model: SkippableResNet, dataset: Images, mask: torch.Tensor, batch_size: int = 512) -> float:
     """Top-1 accuracy with the same block subset ``mask`` (num_blocks,) for every image."""
     return masked_accuracy(model, dataset, mask.expand(len(dataset), -1), batch_size)
 
@@ -91,7 +110,7 @@ def mask_table(num_blocks: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def all_mask_correctness(model: CifarResNet, dataset: ImageDataset, batch_size: int = 256) -> torch.Tensor:
+def all_mask_correctness(model: SkippableResNet, dataset: Images, batch_size: int = 256) -> torch.Tensor:
     """(2^L, N) bool: whether image ``n`` is classified correctly with mask ``m`` (rows of
     :func:`mask_table`). One depth-first pass per batch: the activation after block i is shared
     by all masks that agree on blocks 0..i, so scoring 2^L masks costs ~2^L block calls per batch
@@ -104,7 +123,7 @@ def all_mask_correctness(model: CifarResNet, dataset: ImageDataset, batch_size: 
     model.eval()
     out = torch.zeros(2 ** num_blocks, len(dataset), dtype=torch.bool)
     start = 0
-    for images, labels in BatchLoader(dataset, batch_size, shuffle=False, device=device).epoch_batches(0):
+    for images, labels in make_loader(dataset, batch_size, shuffle=False, device=device).epoch_batches(0):
         rows = slice(start, start + len(labels))
 
         def visit(i: int, h: torch.Tensor, index: int) -> None:
@@ -121,7 +140,7 @@ def all_mask_correctness(model: CifarResNet, dataset: ImageDataset, batch_size: 
     return out
 
 
-def beam_search_subsets(model: CifarResNet, dataset: ImageDataset, beam: int = 4, batch_size: int = 512) -> dict[int, torch.Tensor]:
+def beam_search_subsets(model: SkippableResNet, dataset: Images, beam: int = 4, batch_size: int = 512) -> dict[int, torch.Tensor]:
     """For networks too deep to score every mask: backward elimination with a beam. From the full
     mask, each step drops one more block from each of the ``beam`` best masks of the previous
     size and keeps the ``beam`` most accurate results. Returns {size k: best mask (L,) bool}."""
@@ -141,7 +160,7 @@ def beam_search_subsets(model: CifarResNet, dataset: ImageDataset, beam: int = 4
     return best
 
 
-def subset_ladder(model: CifarResNet, held_out: ImageDataset, cost: BackboneCost | None = None,
+def subset_ladder(model: SkippableResNet, held_out: Images, cost: BackboneCost | None = None,
                   batch_size: int = 256, nested: bool = False) -> dict:
     """The best fixed subset of every size k = 0..L, chosen on ``held_out`` images: exhaustive
     where 2^L ≤ ``EXHAUSTIVE_LIMIT``, else beam search. Among masks of one size the more
@@ -149,7 +168,7 @@ def subset_ladder(model: CifarResNet, held_out: ImageDataset, cost: BackboneCost
     of 1), whose masks are nested: each size keeps a subset of the next size's blocks. Returns
     {"masks": (L+1, L) bool, "held_out_accuracy": [...], "flops": [...], "search": "exhaustive" |
     "beam" | "nested"}."""
-    cost = cost or measure_backbone_cost(model, held_out.images.shape[-1])
+    cost = cost or measure_backbone_cost(model, image_size_of(held_out))
     num_blocks = model.num_blocks
     if nested:
         best = beam_search_subsets(model, held_out, beam=1, batch_size=batch_size)

@@ -11,12 +11,15 @@ policy or the gates), read at the FLOPs budgets of ``study.budgets`` (``experime
 - **random dropping** over keep rates as it is, and at each budget's keep rate **fine-tuned**
   with that drop rate (same budget);
 - **static ResNets** over depth and width, one within 3% of each budget, trained from scratch
-  with the pretraining recipe minus stochastic depth (``study.static_epochs`` epochs);
+  with the pretraining recipe minus stochastic depth (``study.static_epochs`` epochs); for a
+  torchvision backbone torchvision's ResNet-18/34/50, the closest in FLOPs to each budget (only
+  these points exist), from ImageNet weights when ``model.weights`` is set;
 - the **full backbone**, as it is and fine-tuned with the same budget (what the extra epochs
   alone are worth), and the **per-image oracle** among the fixed-subset masks (a bound: how much
   any per-image policy could gain on this backbone).
 
 Writes ``runs/<name>/{gates,baselines}/`` and the ``compare`` section of ``metrics.json``.
+Streamed splits (``ImageFiles``) stream through every evaluation and training here.
 """
 
 from __future__ import annotations
@@ -36,12 +39,14 @@ from backbone.baselines import (
     oracle_curve,
     random_keep_masks,
     static_family_for_flops,
+    static_torchvision_for_flops,
 )
 from backbone.data.datasets import Splits, load_splits
+from backbone.data.streaming import image_size_of
 from backbone.errors import ConfigError
 from backbone.models.cost import measure_backbone_cost
-from backbone.models.resnet import build_resnet
-from backbone.models.weights import load_checkpoint, load_model, save_checkpoint
+from backbone.models.torchvision_resnet import build_torchvision_resnet, resolve_weights
+from backbone.models.weights import load_checkpoint, load_model, model_from_arch, save_checkpoint
 from backbone.training.loop import evaluate, predict, resolve_device, stochastic_depth_sampler, train
 from experiments.common import cli, config_from_args, experiment_parser, finished_stage, tensorboard_writer, update_metrics
 from experiments.config import ExperimentConfig
@@ -190,19 +195,54 @@ def static_recipe(cfg: ExperimentConfig):
     return dataclasses.replace(cfg.pretrain, epochs=epochs, stochastic_depth=0.0, warmup_epochs=warmup)
 
 
+def static_start(cfg: ExperimentConfig, backbone) -> str:
+    """Where the static networks start: scratch, or for a torchvision backbone with
+    ``model.weights`` each depth's ImageNet weights (the family's own name for them, else DEFAULT)."""
+    if backbone.arch.get("family") == "torchvision" and cfg.model.weights is not None:
+        return "ImageNet weights"
+    return "scratch"
+
+
+def static_weights(weights: str, name: str) -> str:
+    """``weights`` where torchvision has them for ``name`` (resnet18/34 have only V1), else DEFAULT."""
+    try:
+        return resolve_weights(name, weights).name
+    except ConfigError:  # no such weights for this depth, or a file for the backbone's depth only
+        return "DEFAULT"
+
+
+def static_model(cfg: ExperimentConfig, backbone, knob: dict):
+    """A fresh static network of ``knob`` like ``backbone`` (classes, normalisation, shortcut)."""
+    a = backbone.arch
+    if "arch" not in knob:
+        return model_from_arch({**a, "depth": knob["depth"], "width": knob["width"]})
+    if static_start(cfg, backbone) == "scratch":
+        return model_from_arch({**a, "name": knob["arch"]})
+    return build_torchvision_resnet(knob["arch"], a["num_classes"], static_weights(cfg.model.weights, knob["arch"]),
+                                    a["normalization"], new_head=True)
+
+
 def static_networks(cfg, backbone, cost, splits, device, resume) -> list[dict]:
-    """One plain ResNet per budget, the depth × width whose FLOPs lie closest to it."""
-    recipe, points = static_recipe(cfg), []
+    """One plain ResNet per budget: the CIFAR depth × width whose FLOPs lie closest to it, or the
+    closest of torchvision's ResNet-18/34/50 for a torchvision backbone. Budgets that pick the
+    same network share it."""
+    recipe, points, trained = static_recipe(cfg), [], {}
+    image_size = image_size_of(splits.train)
     for budget in cfg.study.budgets:
-        depth, width, flops = static_family_for_flops(budget * cost.full_flops, backbone)
-        name = f"static_d{depth}_w{width}"
+        if backbone.arch.get("family") == "torchvision":
+            tv_name, flops = static_torchvision_for_flops(budget * cost.full_flops, backbone, image_size)
+            name, knob = f"static_{tv_name}", {"arch": f"tv_{tv_name}"}
+        else:
+            depth, width, flops = static_family_for_flops(budget * cost.full_flops, backbone, image_size=image_size)
+            name, knob = f"static_d{depth}_w{width}", {"depth": depth, "width": width}
         out = cfg.run_dir / "baselines" / f"{name}.pt"
-        if resume and out.exists():
+        if name in trained:
+            model, train_time = trained[name]
+        elif resume and out.exists():
             model, train_time = load_model(out).to(device), load_checkpoint(out)["train_time_s"]
         else:
             torch.manual_seed(cfg.seed)
-            a = backbone.arch
-            model = build_resnet(depth, a["num_classes"], a["shortcut"], width, a["normalization"]).to(device)
+            model = static_model(cfg, backbone, knob).to(device)
             writer = tensorboard_writer(cfg.run_dir, name)
             try:
                 history = train(model, splits.train, splits.val, recipe, checkpoint_dir=out.parent / f"checkpoints_{name}",
@@ -211,9 +251,22 @@ def static_networks(cfg, backbone, cost, splits, device, resume) -> list[dict]:
                 writer.close()
             train_time = sum(r["epoch_time_s"] for r in history["history"])
             save_checkpoint(out, model, train_time_s=train_time)
+        trained[name] = model, train_time
         points.append(point(flops / cost.full_flops, evaluate(model, splits.test)["accuracy"], train_time,
-                            depth=depth, width=width, budget=budget, epochs=recipe.epochs))
+                            **knob, budget=budget, epochs=recipe.epochs))
     return points
+
+
+def static_description(cfg: ExperimentConfig, backbone) -> dict:
+    """The report's words on the static networks: where they start and what the family holds."""
+    start = static_start(cfg, backbone)
+    text = "from scratch" if start == "scratch" else "from each depth's ImageNet weights (a fresh classifier)"
+    if backbone.arch.get("family") == "torchvision":
+        family = "torchvision depths tv_resnet18/34/50 only"
+        text += f" ({family}: the closest in FLOPs to each budget, which need not lie within 3% of it)"
+    else:
+        family = "CIFAR depth × width"
+    return {"from": text, "start": start, "family": family}
 
 
 def gap_closed(curves: dict, oracle: dict, budgets: list[float]) -> list[dict]:
@@ -229,7 +282,23 @@ def gap_closed(curves: dict, oracle: dict, budgets: list[float]) -> list[dict]:
     return rows
 
 
-def run_compare(cfg: ExperimentConfig, resume: bool = False, splits: Splits | None = None) -> dict:
+def with_policy_curves(compare: dict, policy_metrics: dict) -> dict:
+    """``compare`` (a ``compare`` section) with the RL curves of the policies in ``policy_metrics``
+    (``policy_points``) in place of its own, and the headline and the oracle gap read again
+    (``experiments.sweep`` adds policies trained in other run directories this way)."""
+    curves = compare.get("curves", {})
+    curves = {**{k: v for k, v in curves.items() if k == FULL}, **policy_points(policy_metrics),
+              **{k: v for k, v in curves.items() if k not in (FULL, RL, RL_FT)}}
+    result = {**compare, "curves": curves, "headline": headline(curves, compare["budgets"])}
+    if "oracle" in compare:
+        result["gap_closed"] = gap_closed(curves, compare["oracle"], compare["budgets"])
+    return result
+
+
+def run_compare(cfg: ExperimentConfig, resume: bool = False, splits: Splits | None = None,
+                policy_metrics: dict | None = None) -> dict:
+    """The comparison of the run's backbone. ``policy_metrics``: the metrics sections whose
+    policies make the RL curves; default the run's own ``metrics.json``, ``{}`` for none."""
     run_dir = cfg.run_dir
     done = finished_stage(run_dir, STAGE, run_dir / "metrics.json", resume)
     if done is not None:
@@ -248,11 +317,11 @@ def run_compare(cfg: ExperimentConfig, resume: bool = False, splits: Splits | No
                 raise ConfigError(
                     f"the {section} results in {metrics_path} are for a backbone with {recorded} blocks but "
                     f"{backbone_path(run_dir)} has {backbone.num_blocks}: rerun train_policy (and finetune) for this backbone")
-    cost = measure_backbone_cost(backbone)
+    cost = measure_backbone_cost(backbone, image_size_of(splits.test))  # at the size the data has
     pretrain_time = metrics.get("pretrain", {}).get("train_time_s") or 0.0
     tic = time.perf_counter()
 
-    curves = {FULL: [point(1.0, evaluate(backbone, splits.test)["accuracy"], pretrain_time)], **policy_points(metrics)}
+    curves = {FULL: [point(1.0, evaluate(backbone, splits.test)["accuracy"], pretrain_time)]}
     # The same fine-tuning budget on the full network: what the extra epochs alone are worth.
     tuned, tuned_time = finetuned_on_masks(cfg, backbone, "full", None, splits, resume)
     curves[FULL_FT] = [point(1.0, evaluate(tuned, splits.test)["accuracy"], pretrain_time + tuned_time)]
@@ -265,14 +334,13 @@ def run_compare(cfg: ExperimentConfig, resume: bool = False, splits: Splits | No
     result = {
         "budgets": list(cfg.study.budgets),
         "curves": curves,
-        "headline": headline(curves, cfg.study.budgets),
         "oracle": bound["oracle"],
-        "gap_closed": gap_closed(curves, bound["oracle"], cfg.study.budgets),
         "fixed_subset_search": bound["ladder"],
-        "static_recipe": {"epochs": static_recipe(cfg).epochs, "stochastic_depth": 0.0, "from": "scratch"},
+        "static_recipe": {"epochs": static_recipe(cfg).epochs, "stochastic_depth": 0.0, **static_description(cfg, backbone)},
         "finetune_budget": {"epochs": cfg.finetune.epochs, "images": len(splits.train)},
         "wall_time_s": time.perf_counter() - tic,
     }
+    result = with_policy_curves(result, metrics if policy_metrics is None else policy_metrics)
     update_metrics(run_dir, STAGE, result)
     print_headline(result)
     return result

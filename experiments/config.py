@@ -31,7 +31,9 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 class ModelConfig:
     """The backbone: a CIFAR ResNet (``resnet20``, ``resnet56``, …: depth 6n+2, with ``shortcut``
     and ``width``) or a torchvision ResNet (``tv_resnet18`` … ``tv_resnet152``, ImageNet
-    normalisation, ``weights`` as torchvision names them, e.g. ``IMAGENET1K_V2``).
+    normalisation, ``weights`` as torchvision names them, e.g. ``IMAGENET1K_V2``, or a local
+    ``.pth``; ``shortcut`` and ``width`` do not apply). Weights for another number of classes than
+    the data's (ImageNet's 1000) load with a fresh classifier for the data's classes.
     ``init_checkpoint``: weights to import instead of training from scratch."""
 
     arch: str = "resnet20"
@@ -90,6 +92,7 @@ class StudyConfig:
     share_backbone: bool = False
     static_epochs: typing.Optional[int] = None
     keep_rates: list = field(default_factory=lambda: [0.25, 0.5, 0.75])  # random dropping without fine-tuning
+    search_images: typing.Optional[int] = None  # fixed-subset search on this many held-out images (null: all)
     latency_batch: int = 256  # the "large batch" of the latency measurement (plus a stream at batch 1)
     latency_repeats: int = 10
     latency_stream: int = 64  # batch 1: this many different test images, one call each
@@ -103,6 +106,8 @@ class StudyConfig:
             raise ConfigError("study.keep_rates must be a list of keep rates in (0, 1]")
         if self.seeds is not None and (not self.seeds or any(not isinstance(s, int) or isinstance(s, bool) for s in self.seeds)):
             raise ConfigError("study.seeds must be a non-empty list of integers")
+        if self.search_images is not None and self.search_images < 1:
+            raise ConfigError("study.search_images must be >= 1 (or null: all the policy's images)")
         if self.static_epochs is not None and self.static_epochs < 1:
             raise ConfigError("study.static_epochs must be >= 1 (or null: the pretraining epochs)")
         if self.latency_batch < 1 or self.latency_repeats < 1 or self.latency_stream < 1:

@@ -7,7 +7,8 @@ the full backbone (a stream of ``study.latency_stream`` different images at batc
 batch of ``study.latency_batch``; warm-up, median of repeats, one precision: float32), accuracy
 and blocks per class, the most frequent masks, and the training time of every stage. Updates
 ``metrics.json`` (section ``evaluation``), ``report.md`` and the plots of the run directory;
-``--json`` prints the evaluation as one JSON object.
+``--json`` prints the evaluation as one JSON object. A streamed split (``streamed_imagefolder``)
+is decoded into memory once for it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from agents.pair import DynamicModel
 from agents.rl import make_dynamic_model, make_skip_task
 from backbone.baselines import mask_string
 from backbone.data.datasets import load_splits
+from backbone.data.streaming import in_memory
 from backbone.errors import ConfigError
 from backbone.models.weights import load_model
 from backbone.training.loop import resolve_device
@@ -69,7 +71,10 @@ def evaluate_run(run_dir: Path, split: str = "test", tag: str = "policy") -> dic
 
 def _evaluate(run_dir: Path, split: str, tag: str) -> dict:
     cfg, name, model, ladder, pair, device = load_final_pair(run_dir, tag)
-    dataset = getattr(load_splits(cfg.data), split)
+    # Per-image evaluation needs the pixels at hand: a streamed split is decoded into memory once
+    # (the test split as data.max_test_images left it, the others capped like the policy's images).
+    dataset = in_memory(getattr(load_splits(cfg.data), split), None if split == "test" else cfg.data.max_policy_images,
+                        cfg.data.split_seed + 2)
     task = make_skip_task(cfg.policy, pair.backbone, dataset, device, ladder)
     groups = difficulty_groups(load_model(backbone_path(run_dir), map_location=device).to(device).eval(), dataset)
     extra = policy_flops(model, task, cfg.policy.env)

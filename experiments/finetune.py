@@ -5,7 +5,9 @@ of ``policy.reward.lam``; λ-sweep policies are ``lam<λ>``). Writes ``runs/<nam
 (``finetune_<tag>/`` for other tags): ``backbone.pt`` + ``policy.zip`` (the fine-tuned pair,
 each loadable on its own), ``checkpoints/last.pt`` (the pair, for ``--resume``), TensorBoard
 logs in ``runs/<name>/tb/finetune[_<tag>]/`` and the ``finetune[_<tag>]`` section of
-``metrics.json``. Works for policies of both envs (one-shot and sequential).
+``metrics.json``. Works for policies of both envs (one-shot and sequential). For streamed data
+the backbone's training images stream; the policy's images and the test split are decoded into
+memory (``experiments.train_policy.policy_images``, ``test_images``).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from experiments.common import (
 )
 from experiments.config import ExperimentConfig
 from experiments.pretrain import backbone_path, load_backbone
-from experiments.train_policy import load_ladder, policy_dir, policy_images, save_ladder, test_groups
+from experiments.train_policy import load_ladder, policy_dir, policy_images, save_ladder, test_groups, test_images
 
 
 def finetune_section(tag: str = "policy") -> str:
@@ -76,9 +78,9 @@ def run_finetune(cfg: ExperimentConfig, tag: str = "policy", resume: bool = Fals
     if ladder is not None:
         save_ladder(out_dir, ladder)
 
-    test_task = make_skip_task(p, pair.backbone, splits.test, device, ladder)
+    test_task = make_skip_task(p, pair.backbone, test_images(splits), device, ladder)
     extra = policy_flops(model, test_task, p.env)
-    test = evaluate_policy_on(model, test_task, p.env, extra_flops=extra, groups=test_groups(cfg, splits, device))
+    test = evaluate_policy_on(model, test_task, p.env, extra_flops=extra, groups=test_groups(cfg, test_task.dataset, device))
     metrics = {
         "policy_tag": tag,
         "lam": p.reward.lam,

@@ -18,7 +18,9 @@ import torch
 
 from backbone.models.cost import measure_backbone_cost
 from backbone.data.datasets import Splits, load_splits
-from backbone.models.resnet import CifarResNet, build_resnet
+from backbone.data.streaming import image_size_of
+from backbone.models.resnet import SkippableResNet, build_resnet
+from backbone.models.torchvision_resnet import build_torchvision_resnet, weights_num_classes
 from backbone.training import distributed
 from backbone.training.loop import predict, resolve_device, scores, train
 from backbone.models.weights import load_model, load_weights, save_checkpoint
@@ -40,16 +42,30 @@ def backbone_path(run_dir: Path) -> Path:
     return run_dir / "backbone.pt"
 
 
-def build_backbone(cfg: ExperimentConfig, num_classes: int) -> CifarResNet:
-    """The configured architecture, with imported weights when ``model.init_checkpoint`` is set."""
+def build_backbone(cfg: ExperimentConfig, num_classes: int) -> SkippableResNet:
+    """The configured architecture, with imported weights when ``model.init_checkpoint`` is set.
+
+    A torchvision ResNet (``tv_resnet*``) takes ``model.weights`` and ImageNet normalisation
+    (``model.normalization`` only if set to something else than the CIFAR default); weights for
+    another number of classes (ImageNet's 1000) get a fresh classifier for ``num_classes``.
+    """
     m = cfg.model
-    model = build_resnet(m.arch, num_classes, shortcut=m.shortcut, width=m.width, normalization=m.normalization)
+    if not m.torchvision:
+        model = build_resnet(m.arch, num_classes, shortcut=m.shortcut, width=m.width, normalization=m.normalization)
+    else:
+        normalization = "imagenet" if m.normalization == "cifar10" else m.normalization
+        model = build_torchvision_resnet(m.arch, num_classes, weights=m.weights, normalization=normalization,
+                                         new_head=True)
+        classes = weights_num_classes(m.arch, m.weights) if m.weights is not None else num_classes
+        if classes != num_classes and distributed.is_main_process():
+            print(f"pretrain: {m.arch} weights {m.weights} predict {classes} classes: their classifier is replaced "
+                  f"by a fresh fc = Linear({model.feature_dim}, {num_classes}) for the {num_classes} classes of the data")
     if m.init_checkpoint:
         load_weights(model, m.init_checkpoint)
     return model
 
 
-def skip_tolerance(model: CifarResNet, dataset, keep_rates=(0.75, 0.5), seed: int = 0) -> dict:
+def skip_tolerance(model: SkippableResNet, dataset, keep_rates=(0.75, 0.5), seed: int = 0) -> dict:
     """Accuracy when every block is kept at random with probability ``p`` (one mask per image).
 
     Shows how much a backbone tolerates skipped blocks before any policy is trained.
@@ -78,7 +94,7 @@ def run_pretrain(
     run_dir: Path,
     resume: bool = False,
     splits: Splits | None = None,
-    model: CifarResNet | None = None,
+    model: SkippableResNet | None = None,
 ) -> dict:
     """Train (or import) the backbone of ``cfg`` into ``run_dir``; return the stage metrics.
 
@@ -94,7 +110,7 @@ def run_pretrain(
         torch.manual_seed(cfg.seed)
         model = build_backbone(cfg, splits.train.num_classes)
     model.to(device)
-    cost = measure_backbone_cost(model, image_size=splits.train.images.shape[-1])
+    cost = measure_backbone_cost(model, image_size=image_size_of(splits.train))  # at the size the data has
     if ctx.is_main:
         processes = f", torchrun world size {ctx.world_size}" if ctx.enabled else ""
         print(
@@ -150,7 +166,7 @@ def run_pretrain(
     return metrics
 
 
-def load_backbone(run_dir: Path, device: str | torch.device = "cpu") -> CifarResNet:
+def load_backbone(run_dir: Path, device: str | torch.device = "cpu") -> SkippableResNet:
     """The backbone a finished pretrain stage left in ``run_dir``."""
     return load_model(backbone_path(run_dir), map_location=device).to(device)
 

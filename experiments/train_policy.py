@@ -5,6 +5,10 @@ Needs the backbone of a finished pretrain stage in ``runs/<name>/backbone.pt`` (
 ``config.yaml``, ``policy.zip`` (SB3), ``checkpoints/last.zip`` + ``progress.json`` (resume),
 TensorBoard logs in ``runs/<name>/tb/<tag>/`` and the ``<tag>`` section of ``metrics.json``.
 Several tags (e.g. one per λ) share one backbone.
+
+The env holds its images in memory: for streamed data (``ImageFiles``) the policy's images (at
+most ``data.max_policy_images``) and the test split are decoded once into memory
+(``backbone.data.streaming.in_memory``); the backbone's own test accuracy streams.
 """
 
 from __future__ import annotations
@@ -22,8 +26,9 @@ from agents.evaluation import evaluate_policy_on
 from agents.rl import make_skip_task, train_policy
 from backbone.baselines import mask_string, subset_ladder
 from backbone.data.datasets import ImageDataset, Splits, load_splits, split_train_val
+from backbone.data.streaming import in_memory
 from backbone.errors import ConfigError
-from backbone.models.resnet import CifarResNet
+from backbone.models.resnet import SkippableResNet
 from backbone.training.loop import evaluate, resolve_device
 from envs.block_skip import SkipTask
 from experiments.common import cli, config_from_args, experiment_parser, finished_stage, prepare_output_dir, update_metrics, write_json
@@ -55,17 +60,17 @@ def load_ladder(directory: Path) -> torch.Tensor | None:
         raise ConfigError(f"{path} is not a ladder file (expected {{\"masks\": [\"1101...\", ...]}}): {err}") from None
 
 
-def test_groups(cfg: ExperimentConfig, splits: Splits, device) -> tuple[torch.Tensor, list[str], str]:
+def test_groups(cfg: ExperimentConfig, test_images: ImageDataset, device) -> tuple[torch.Tensor, list[str], str]:
     """Difficulty groups of the test images, from the run's pretrained backbone: every policy
     and fine-tuned pair of the run is reported on the same groups."""
-    return difficulty_groups(load_backbone(cfg.run_dir, device).eval(), splits.test)
+    return difficulty_groups(load_backbone(cfg.run_dir, device).eval(), test_images)
 
 
-def find_backbone(cfg: ExperimentConfig, splits: Splits, device: torch.device) -> CifarResNet:
-    """The run's pretrained backbone, else the imported ``model.init_checkpoint``."""
+def find_backbone(cfg: ExperimentConfig, splits: Splits, device: torch.device) -> SkippableResNet:
+    """The run's pretrained backbone, else the imported ``model.init_checkpoint`` or ``model.weights``."""
     if backbone_path(cfg.run_dir).exists():
         return load_backbone(cfg.run_dir, device)
-    if cfg.model.init_checkpoint:
+    if cfg.model.init_checkpoint or cfg.model.weights:
         return build_backbone(cfg, splits.train.num_classes).to(device)
     raise ConfigError(
         f"no backbone in {cfg.run_dir}: run `python -m experiments.pretrain` with this config first, "
@@ -74,26 +79,34 @@ def find_backbone(cfg: ExperimentConfig, splits: Splits, device: torch.device) -
 
 
 def policy_images(cfg: ExperimentConfig, splits: Splits) -> tuple[ImageDataset, ImageDataset]:
-    """(training, held-out evaluation) images of the policy.
+    """(training, held-out evaluation) images of the policy, in memory.
 
     The policy learns on ``policy.data_split`` (by default the validation part the backbone never
     trained on: on its own training images a backbone is nearly always right, and a policy
-    trained there learns to drop everything).
+    trained there learns to drop everything), at most ``data.max_policy_images`` of them (a
+    stratified subset), decoded into memory if they are streamed.
     """
     images = splits.val if cfg.policy.data_split == "val" else splits.train
     if len(images) == 0:
         raise ConfigError("the policy has no images: set data.val_fraction > 0, or policy.data_split: train")
+    images = in_memory(images, cfg.data.max_policy_images, cfg.data.split_seed + 2)
     return split_train_val(images, cfg.policy.eval_fraction, cfg.data.split_seed + 1)
 
 
-def policy_tasks(cfg: ExperimentConfig, backbone: CifarResNet, splits: Splits, device,
+def test_images(splits: Splits) -> ImageDataset:
+    """The test split in memory (decoded once if streamed; ``data.max_test_images`` caps it), for
+    the per-image evaluation of policies: the same images the other methods are scored on."""
+    return in_memory(splits.test)
+
+
+def policy_tasks(cfg: ExperimentConfig, backbone: SkippableResNet, splits: Splits, device,
                  ladder: torch.Tensor | None = None) -> tuple[SkipTask, SkipTask | None, SkipTask]:
     """(training, held-out evaluation, test) tasks sharing one backbone."""
     p = cfg.policy
     train_images, eval_images = policy_images(cfg, splits)
     task = make_skip_task(p, backbone, train_images, device, ladder)
     eval_task = make_skip_task(p, backbone, eval_images, device, ladder) if len(eval_images) else None
-    test_task = make_skip_task(p, backbone, splits.test, device, ladder)
+    test_task = make_skip_task(p, backbone, test_images(splits), device, ladder)
     return task, eval_task, test_task
 
 
@@ -110,6 +123,8 @@ def run_ladder(cfg: ExperimentConfig, backbone, splits: Splits, nested: bool = F
         if len(saved["masks"][0]) == backbone.num_blocks:
             return {**saved, "masks": torch.tensor([[c == "1" for c in m] for m in saved["masks"]], dtype=torch.bool)}
     images = policy_images(cfg, splits)[0]
+    if cfg.study.search_images is not None and cfg.study.search_images < len(images):  # deep nets: beam search is slow
+        images = split_train_val(images, cfg.study.search_images / len(images), cfg.data.split_seed + 2)[1]
     tic = time.perf_counter()
     ladder = subset_ladder(backbone.eval(), images, nested=nested)
     ladder.update(search_s=time.perf_counter() - tic, images=len(images))
@@ -149,7 +164,7 @@ def run_train_policy(
         p, task, out_dir / "checkpoints", eval_task, seed=cfg.seed, resume=resume, tb_dir=run_dir / "tb" / tag
     )
     save_atomic(model, out_dir / "policy.zip")
-    groups = difficulty_groups(backbone.eval(), splits.test)
+    groups = difficulty_groups(backbone.eval(), test_task.dataset)
     test = evaluate_policy_on(model, test_task, p.env, extra_flops=progress["policy_flops"], groups=groups)
     full = evaluate(backbone, splits.test)
     metrics = {

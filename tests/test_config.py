@@ -56,3 +56,25 @@ def test_bad_files(tmp_path):
     listy.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(listy)
+
+
+@pytest.mark.parametrize("preset,arch,blocks", [("imagenet_resnet50", "resnet50", 16), ("imagenet_resnet101", "resnet101", 33)])
+def test_imagenet_presets_are_streamed_torchvision_studies_marked_unmeasured(preset, arch, blocks):
+    from backbone.models.torchvision_resnet import ARCHS, resolve_weights
+
+    cfg = load_config(preset)
+    assert "UNMEASURED until run on a GPU" in (CONFIG_DIR / f"{preset}.yaml").read_text()
+    assert cfg.data.streamed and cfg.data.root == "/path/to/imagenet" and cfg.data.image_size == 224
+    assert cfg.data.max_policy_images is not None  # the env's images in memory are bounded
+    assert cfg.model.arch == f"tv_{arch}" and sum(ARCHS[arch][1]) == blocks
+    assert resolve_weights(arch, cfg.model.weights).name == "IMAGENET1K_V2"  # names torchvision's weights; no download
+    assert (cfg.policy.observation, cfg.policy.action, cfg.policy.obs_size) == ("stem", "ladder", 112)
+    assert cfg.study.budgets and cfg.study.static_epochs >= 1
+    for batch in (cfg.pretrain.batch_size, cfg.finetune.batch_size):
+        assert batch % 8 == 0  # splits evenly over 8 GPUs under torchrun
+
+
+def test_data_caps_are_validated():
+    with pytest.raises(ConfigError, match="max_policy_images must be >= 1"):
+        load_config("quickstart", ["data.max_policy_images=0"])
+    assert load_config("quickstart", ["data.max_policy_images=500"]).data.max_policy_images == 500

@@ -6,7 +6,9 @@ sorted into class folders, as torchvision's ImageFolder expects; ``test/`` is ac
 :class:`StreamingLoader` decodes, crops and batches it in worker processes and yields what
 ``BatchLoader`` yields: ``(images uint8 (B, 3, S, S), labels int64 (B,))`` on the device, with the
 same resumable interface (:class:`BatchSource`). :func:`make_loader` picks the right one for
-either kind of split, so a training loop takes both.
+either kind of split, so a training loop takes both. What needs pixels in memory (the RL env's
+episodes, a policy's images) gets them from :func:`materialize` (decoded once at the evaluation
+resolution, capped by the caller).
 
 Transforms, as in torchvision's ImageNet recipe: training (``augment=True``) a random resized crop
 (scale 0.08-1, aspect 3/4-4/3) to ``image_size`` and a horizontal flip; evaluation a resize of
@@ -23,9 +25,11 @@ differently, and how long a batch takes (workers race; only their results are or
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Protocol, Sequence, runtime_checkable
@@ -35,7 +39,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from backbone.data.batching import BatchLoader, _generator
-from backbone.data.datasets import IMAGE_EXTENSIONS, ImageDataset, _decode
+from backbone.data.datasets import IMAGE_EXTENSIONS, ImageDataset, _decode, stratified_subset
 from backbone.errors import DatasetError
 
 #: The usual ratio of crop to resize in evaluation (224 / 256).
@@ -67,7 +71,9 @@ class ImageFiles:
     workers share it, whereas touching millions of Python objects would copy them into every
     worker (copy-on-write pages dirtied by reference counts). ``classes``: names (index = label).
     Has the ``labels``/``num_classes``/``subset`` of an ``ImageDataset``, so ``split_train_val``
-    splits it the same way.
+    splits it the same way. ``image_size`` (side of the crops) and ``num_workers`` (decoding
+    processes) say how the split is read: ``make_loader`` and :func:`materialize` take them from
+    here, so every stage that gets the split reads it the way ``DataConfig`` asked.
     """
 
     root: Path
@@ -76,6 +82,8 @@ class ImageFiles:
     classes: list[str]
     name: str = ""
     difficulty: None = None  # no known difficulty per image (as for real data in ImageDataset)
+    image_size: int = 224
+    num_workers: int = 4
 
     def __len__(self) -> int:
         return len(self.files)
@@ -90,12 +98,14 @@ class ImageFiles:
     def subset(self, indices: torch.Tensor | Sequence[int]) -> ImageFiles:
         """The files at ``indices`` (in that order) with their labels."""
         idx = torch.as_tensor(indices, dtype=torch.long)
-        return ImageFiles(self.root, self.files[idx.numpy()], self.labels[idx], list(self.classes), self.name)
+        return ImageFiles(self.root, self.files[idx.numpy()], self.labels[idx], list(self.classes), self.name,
+                          image_size=self.image_size, num_workers=self.num_workers)
 
 
-def scan_imagefolder(root: str | os.PathLike, train: bool) -> ImageFiles:
+def scan_imagefolder(root: str | os.PathLike, train: bool, image_size: int = 224, num_workers: int = 4) -> ImageFiles:
     """The training split (``root/train``) or evaluation split (``root/val``, else ``root/test``)
-    of an ImageFolder tree: ``.jpg``/``.jpeg``/``.png`` files (any case) by class, then file name.
+    of an ImageFolder tree: ``.jpg``/``.jpeg``/``.png`` files (any case) by class, then file name,
+    to be read at ``image_size`` by ``num_workers`` processes.
 
     The classes are the sub-folders of ``root/train`` in alphabetical order, for both splits.
     """
@@ -117,7 +127,8 @@ def scan_imagefolder(root: str | os.PathLike, train: bool) -> ImageFiles:
             labels += [label] * len(names)
     if not files:
         raise DatasetError(f"no .jpg/.jpeg/.png images found in {split_dir}/<class>/")
-    return ImageFiles(split_dir, np.array(files, dtype=np.bytes_), torch.tensor(labels, dtype=torch.long), classes, root.name)
+    return ImageFiles(split_dir, np.array(files, dtype=np.bytes_), torch.tensor(labels, dtype=torch.long), classes,
+                      root.name, image_size=image_size, num_workers=num_workers)
 
 
 def random_resized_crop_box(height: int, width: int, generator: torch.Generator,
@@ -286,17 +297,79 @@ def make_loader(
     device: str | torch.device = "cpu",
     seed: int = 0,
     image_size: int | None = None,
-    num_workers: int = 4,
+    num_workers: int | None = None,
     rank: int = 0,
     world_size: int = 1,
 ) -> BatchSource:
     """The loader for a split of either kind: a ``BatchLoader`` (in memory, batches cut and
     augmented on the device; ``image_size``/``num_workers`` unused) for an ``ImageDataset``, a
-    ``StreamingLoader`` for ``ImageFiles`` (``image_size`` default 224). Pass ``DataConfig``'s
-    ``image_size`` and ``num_workers``; ``rank``/``world_size`` as both loaders take them."""
+    ``StreamingLoader`` for ``ImageFiles`` (``image_size``, ``num_workers``: default the split's
+    own, which ``load_splits`` sets from ``DataConfig``); ``rank``/``world_size`` as both loaders take them."""
     if isinstance(dataset, ImageFiles):
+        workers = dataset.num_workers if num_workers is None else num_workers
         return StreamingLoader(dataset, batch_size, shuffle, drop_last, augment, device, seed,
-                               image_size=image_size or 224, num_workers=num_workers, rank=rank, world_size=world_size)
+                               image_size=image_size or dataset.image_size, num_workers=workers, rank=rank,
+                               world_size=world_size)
     ranks = {"rank": rank, "world_size": world_size} if world_size > 1 else {}
     return BatchLoader(dataset, batch_size, shuffle=shuffle, drop_last=drop_last, augment=augment, device=device,
                        seed=seed, **ranks)
+
+
+def image_size_of(dataset: ImageDataset | ImageFiles) -> int:
+    """The side of the images a split yields: its stored size in memory, its crop size streamed
+    (FLOPs are measured at it)."""
+    return dataset.image_size if isinstance(dataset, ImageFiles) else dataset.images.shape[-1]
+
+
+#: The last few splits decoded by :func:`materialize` in this process: the policy's images and the
+#: test split are asked for again by every stage of one ``experiments.run`` (each λ, fine-tuning,
+#: evaluation), and decoding 50,000 ImageNet images takes minutes.
+_MATERIALIZED: OrderedDict[tuple, ImageDataset] = OrderedDict()
+_KEEP_MATERIALIZED = 3
+
+
+def materialize(files: ImageFiles, image_size: int | None = None, num_workers: int | None = None,
+                progress: bool = True, batch_size: int = 256) -> ImageDataset:
+    """The images of ``files`` decoded once into an in-memory ``ImageDataset`` (uint8, CPU), at
+    the evaluation resolution (shorter side resized to ``image_size / 0.875``, centre crop
+    ``image_size``: the pixels a streamed evaluation sees), in order, with their labels.
+
+    Memory: ``3 · image_size²`` bytes per image, e.g. 10,000 ImageNet images at 224 px ≈ 1.5 GB,
+    50,000 ≈ 7.5 GB; cap the count before calling (``data.max_policy_images``,
+    ``data.max_test_images``). ``image_size``, ``num_workers``: default the split's own.
+    """
+    size = image_size or files.image_size
+    key = (str(files.root), hashlib.sha256(files.files.tobytes()).hexdigest(), size)
+    if key in _MATERIALIZED:
+        _MATERIALIZED.move_to_end(key)
+        return _MATERIALIZED[key]
+    from tqdm.auto import tqdm
+
+    nbytes = len(files) * 3 * size * size
+    memory = f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.1f} MB"
+    if progress:  # the memory note a user needs before a large decode, not a debug detail
+        tqdm.write(f"decoding {len(files)} images of {files.root} at {size} px into memory: {memory} uint8 "
+                   "(data.max_policy_images / data.max_test_images cap how many)")
+    workers = files.num_workers if num_workers is None else num_workers
+    loader = StreamingLoader(files, batch_size, shuffle=False, image_size=size, num_workers=workers)
+    images = torch.empty((len(files), 3, size, size), dtype=torch.uint8)
+    start = 0
+    desc = f"decoding {len(files)} images into memory ({memory})"
+    with tqdm(total=len(files), desc=desc, unit="img", disable=not progress, leave=False) as bar:
+        for batch, _ in loader.epoch_batches(0):
+            images[start : start + len(batch)] = batch
+            start += len(batch)
+            bar.update(len(batch))
+    dataset = ImageDataset(images, files.labels.clone(), list(files.classes), None, files.name)
+    _MATERIALIZED[key] = dataset
+    while len(_MATERIALIZED) > _KEEP_MATERIALIZED:
+        _MATERIALIZED.popitem(last=False)
+    return dataset
+
+
+def in_memory(dataset: ImageDataset | ImageFiles, max_images: int | None = None, seed: int = 0) -> ImageDataset:
+    """``dataset`` with its pixels in memory, about ``max_images`` of them (a stratified subset,
+    each class rounded to whole images, seeded by ``seed``; None: all): an ``ImageDataset`` as it is, ``ImageFiles`` through
+    :func:`materialize`. For what needs every image at hand (the RL env, a policy's update)."""
+    dataset = stratified_subset(dataset, max_images, seed)
+    return materialize(dataset) if isinstance(dataset, ImageFiles) else dataset

@@ -196,6 +196,7 @@ def build_torchvision_resnet(
     weights: object = None,
     normalization: str | Sequence = "imagenet",
     progress: bool = True,
+    new_head: bool = False,
 ) -> TorchvisionResNet:
     """A skippable torchvision ResNet: ``build_torchvision_resnet("resnet50", weights="DEFAULT")``.
 
@@ -203,21 +204,56 @@ def build_torchvision_resnet(
     a torchvision weights name (``"IMAGENET1K_V2"``, ``"DEFAULT"``, ``"ResNet50_Weights.IMAGENET1K_V1"``),
     the enum itself, or the path of a local checkpoint/state dict (a torchvision ``.pth`` or
     ours). ``normalization``: input statistics (``backbone.models.resnet.NORMALIZATION`` name or
-    ``[mean, std]``). ``progress``: show a progress bar while downloading.
+    ``[mean, std]``). ``progress``: show a progress bar while downloading. ``new_head``: weights
+    with another number of classes (ImageNet's 1000 for a 10-class task) are welcome: they load
+    into a network of their own class count, whose ``fc`` is then :func:`replace_head`-ed by a
+    fresh ``Linear(feature_dim, num_classes)``; without it such weights are a ``ConfigError``.
     """
     model = TorchvisionResNet(name, num_classes, normalization)
     if weights is None:
         return model
     from backbone.models.weights import load_weights  # weights imports this module
 
-    if isinstance(weights, os.PathLike) or (isinstance(weights, str) and _looks_like_a_file(weights)):
-        return load_weights(model, weights)
-    enum_value = resolve_weights(model.arch["name"], weights)
-    classes = len(enum_value.meta["categories"])
-    if classes != num_classes:
-        raise ConfigError(f"weights {enum_value} have {classes} classes but num_classes={num_classes}: build with "
-                          f"num_classes={classes}, then replace model.fc for another number of classes")
-    return load_weights(model, fetch_weights(enum_value, progress))
+    if _is_file(weights):
+        source = Path(weights)
+        classes = weights_num_classes(name, weights) if new_head else num_classes
+    else:
+        enum_value = resolve_weights(model.arch["name"], weights)
+        classes = len(enum_value.meta["categories"])
+        if classes != num_classes and not new_head:
+            raise ConfigError(f"weights {enum_value} have {classes} classes but num_classes={num_classes}: build with "
+                              f"num_classes={classes}, then replace model.fc for another number of classes "
+                              "(new_head=True does both)")
+        source = fetch_weights(enum_value, progress)
+    if classes == num_classes:
+        return load_weights(model, source)
+    pretrained = load_weights(TorchvisionResNet(name, classes, normalization), source)
+    return replace_head(pretrained, num_classes)
+
+
+def weights_num_classes(name: str, weights: object) -> int:
+    """How many classes the classifier of ``weights`` (a name, an enum or a file) predicts."""
+    if _is_file(weights):
+        from backbone.models.weights import infer_arch, load_checkpoint
+
+        return infer_arch(load_checkpoint(weights))["num_classes"]  # a file says it only in fc's rows
+    return len(resolve_weights(name, weights).meta["categories"])
+
+
+def replace_head(model: TorchvisionResNet, num_classes: int) -> TorchvisionResNet:
+    """``model`` with a fresh classifier ``fc = Linear(feature_dim, num_classes)`` (PyTorch's
+    default initialisation, on ``fc``'s device) and ``arch["num_classes"]`` updated, so checkpoints
+    of it rebuild with ``model_from_arch``; the other layers keep their weights."""
+    if num_classes < 1:
+        raise ConfigError(f"num_classes must be positive, got {num_classes}")
+    old = model.fc
+    model.fc = nn.Linear(model.feature_dim, num_classes).to(old.weight.device)
+    model.arch["num_classes"] = num_classes
+    return model
+
+
+def _is_file(weights: object) -> bool:
+    return isinstance(weights, os.PathLike) or (isinstance(weights, str) and _looks_like_a_file(weights))
 
 
 def _looks_like_a_file(weights: str) -> bool:
@@ -274,10 +310,10 @@ def fetch_weights(enum_value, progress: bool = True) -> Path:
 
 def build_backbone(arch: str | int, num_classes: int, **kwargs) -> SkippableResNet:
     """Either family by name: ``"tv_resnet50"`` → :func:`build_torchvision_resnet` (``weights``,
-    ``normalization``, ``progress``), anything else (``"resnet56"``, ``56``) →
+    ``normalization``, ``progress``, ``new_head``), anything else (``"resnet56"``, ``56``) →
     ``build_resnet`` (``shortcut``, ``width``, ``normalization``). Each keeps its own defaults."""
     if is_torchvision_name(arch):
-        allowed, build = {"weights", "normalization", "progress"}, build_torchvision_resnet
+        allowed, build = {"weights", "normalization", "progress", "new_head"}, build_torchvision_resnet
     else:
         allowed, build = {"shortcut", "width", "normalization"}, build_resnet
     wrong = sorted(set(kwargs) - allowed)

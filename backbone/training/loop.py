@@ -31,8 +31,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from backbone.data.batching import BatchLoader
 from backbone.data.datasets import ImageDataset
+from backbone.data.streaming import ImageFiles, make_loader
 from backbone.errors import ConfigError, DyndepthError
 from backbone.models.resnet import CifarResNet, call_block
 from backbone.models.weights import load_checkpoint, save_checkpoint
@@ -61,12 +61,13 @@ _autocast = autocast  # the old private name
 @torch.no_grad()
 def predict(
     model: CifarResNet,
-    dataset: ImageDataset,
+    dataset: ImageDataset | ImageFiles,
     batch_size: int = 512,
     keep_mask_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     amp: bool = True,
 ) -> torch.Tensor:
-    """Logits (float32, CPU) of ``model`` on every image of ``dataset``, in order.
+    """Logits (float32, CPU) of ``model`` on every image of ``dataset`` (in memory, or streamed
+    from disk with the evaluation transforms), in order.
 
     ``keep_mask_fn(images) -> keep_mask`` chooses the blocks per batch (None: all blocks).
     """
@@ -74,7 +75,7 @@ def predict(
     was_training = model.training
     model.eval()
     outputs = []
-    loader = BatchLoader(dataset, batch_size, device=device, shuffle=False)
+    loader = make_loader(dataset, batch_size, device=device, shuffle=False)
     for images, _ in loader.epoch_batches(0):
         keep_mask = keep_mask_fn(images) if keep_mask_fn is not None else None
         with autocast(device, amp):
@@ -87,7 +88,7 @@ def predict(
 
 def evaluate(
     model: CifarResNet,
-    dataset: ImageDataset,
+    dataset: ImageDataset | ImageFiles,
     batch_size: int = 512,
     keep_mask_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict:
@@ -110,8 +111,8 @@ class NonFiniteLossError(DyndepthError):
 
 def train(
     model: CifarResNet,
-    train_set: ImageDataset,
-    val_set: ImageDataset | None,
+    train_set: ImageDataset | ImageFiles,
+    val_set: ImageDataset | ImageFiles | None,
     cfg: TrainConfig,
     checkpoint_dir: Path | None = None,
     writer=None,
@@ -128,7 +129,8 @@ def train(
     go; with ``resume`` training continues from ``last.pt``. ``writer``: a TensorBoard
     ``SummaryWriter`` or None. ``mask_sampler`` overrides ``cfg.stochastic_depth``; ``loss_fn`` and
     ``after_step`` see the module docstring's types. ``model`` may be any module with ``num_blocks``,
-    ``num_classes`` and ``arch`` whose ``forward(images, keep_mask)`` returns logits.
+    ``num_classes`` and ``arch`` whose ``forward(images, keep_mask)`` returns logits. Either kind
+    of split works: in memory (batches cut on the device) or ``ImageFiles`` streamed by workers.
 
     Under torchrun every rank calls this with the same arguments: ``cfg.batch_size`` is the
     global batch, ``mask_sampler`` sees this rank's rows (a sampler that draws from ``gen`` should
@@ -148,7 +150,7 @@ def train(
     # channels_last trains a CIFAR ResNet 1.3x faster on these CPUs too (benchmark) and on GPUs;
     # the model's stem puts its input into the layout of its weights.
     model.to(memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
-    loader = BatchLoader(train_set, cfg.batch_size, device=device, shuffle=True, seed=seed, augment=cfg.augment,
+    loader = make_loader(train_set, cfg.batch_size, device=device, shuffle=True, seed=seed, augment=cfg.augment,
                          drop_last=True, rank=ctx.rank, world_size=ctx.world_size)
     if len(loader) == 0:
         raise ConfigError(f"batch_size {cfg.batch_size} is larger than the {len(train_set)} training images")
@@ -330,7 +332,7 @@ def _global_sums(sums: dict, ctx: DistContext) -> dict:
             "seen": int(totals[2].item()), "time_s": sums["time_s"]}
 
 
-def _validate(model: nn.Module, val_set: ImageDataset, cfg: TrainConfig, ctx: DistContext) -> dict:
+def _validate(model: nn.Module, val_set: ImageDataset | ImageFiles, cfg: TrainConfig, ctx: DistContext) -> dict:
     """Validation accuracy and loss; under torchrun each rank scores its share of ``val_set`` with
     rank 0's BatchNorm statistics (those of the checkpoint), and the sums are all-reduced."""
     if not ctx.enabled:
