@@ -5,11 +5,16 @@ Sub-packages: ``backbone.models`` (skippable CIFAR and torchvision ResNets, cost
 training loop, interrupts).
 """
 
+from backbone.cpu_allocator import tune_cpu_allocator
 from backbone.errors import CheckpointError, ConfigError, DatasetError, DyndepthError
 from backbone.models.cost import measure_backbone_cost
 from backbone.models.resnet import NORMALIZATION, BasicBlock, CifarResNet, build_resnet
 from backbone.models.torchvision_resnet import TorchvisionResNet, build_backbone, build_torchvision_resnet
 from backbone.models.weights import load_model, load_weights
+
+# Before any tensor exists: freed activations stay in the process instead of being page-faulted
+# in again on every call (backbone.cpu_allocator; DYNDEPTH_CPU_ALLOCATOR=system opts out).
+tune_cpu_allocator()
 
 __all__ = [
     "BasicBlock",

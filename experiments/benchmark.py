@@ -14,6 +14,10 @@ Mask kinds: ``random`` (every block kept independently with the keep rate, per i
 trained policy tends to produce). Batches smaller than 16 run as a stream of calls, each with its
 own masks, so batch 1 measures the mask kind rather than one draw. Peak memory: see
 ``backbone.models.cost.peak_memory_mb`` (CPU: the process's peak resident memory during the call).
+Beside each efficiency: how many distinct row counts each block ran with, the time outside
+convolutions (index work: gathers and scatters; other: BatchNorm, ReLU, adds, ...) and the
+minor page faults per forward (``backbone.cpu_allocator``: memory handed back to the kernel and
+faulted in again, the cause of the unstable efficiencies on an AMD EPYC, see docs/results.md).
 
 ImageNet scale: ``--arch tv_resnet50 --bench skipping`` runs torchvision's ResNet-50 (16 blocks)
 at 224 px, the family's size (``--image-size`` overrides it), at batch 1 and 32 unless ``--batch``
@@ -30,10 +34,12 @@ from __future__ import annotations
 
 import argparse
 import platform
+import resource
 from pathlib import Path
 
 import torch
 
+from backbone.cpu_allocator import allocator_setting
 from backbone.models.cost import measure_backbone_cost, median_times, peak_memory_mb
 from backbone.data.datasets import make_synthetic
 from backbone.errors import ConfigError
@@ -63,14 +69,11 @@ IMAGES_PER_CALL = 16
 
 
 def bench_skipping(arch: str, batch: int, keep_rates, mask_kinds, device, warmup: int, repeats: int, seed: int = 0,
-                   amp: bool = False, compile_blocks: bool = False, image_size: int | None = None, row_bucket: int = 1):
+                   amp: bool = False, compile_blocks: bool = False, image_size: int | None = None):
     """Masked vs full forward of ``arch`` (a CIFAR ResNet, 100 classes, or ``tv_resnet50`` …, 1000
-    classes) on ``image_size`` pixels (default: the family's, 32 or 224). ``row_bucket``: the
-    model's ``row_bucket`` (partial batches rounded up; efficiency still counts only the mask's
-    own FLOPs, so the padding counts against it)."""
+    classes) on ``image_size`` pixels (default: the family's, 32 or 224)."""
     num_classes = 1000 if is_torchvision_name(arch) else 100
     model = build_backbone(arch, num_classes).to(device).eval().compile_blocks(compile_blocks)
-    model.row_bucket = row_bucket
     image_size = image_size or getattr(model, "default_image_size", 32)
     cost = measure_backbone_cost(model, image_size)
     gen = torch.Generator().manual_seed(seed)
@@ -87,6 +90,7 @@ def bench_skipping(arch: str, batch: int, keep_rates, mask_kinds, device, warmup
         times = median_times(fns, device, warmup, repeats)
         memory = {name: peak_memory_mb(fn, device) for name, fn in fns.items()}
         where = {key: time_by_op_kind(fns[key]) for key in masks}
+        faults = {name: page_faults_per_call(fn, calls) for name, fn in fns.items()}
     records = []
     for (kind, keep_rate), stream in masks.items():
         mask = torch.cat(stream).cpu()
@@ -104,7 +108,7 @@ def bench_skipping(arch: str, batch: int, keep_rates, mask_kinds, device, warmup
             "mask_kind": kind,
             "dtype": "bf16" if amp else "fp32",
             "compiled": compile_blocks,
-            "row_bucket": row_bucket,
+            "cpu_allocator": allocator_setting(),
             "blocks_kept": mask.float().mean().item(),
             "distinct_masks": len(torch.unique(mask, dim=0)),
             "time_full_ms": times["full"] * 1e3 / calls,
@@ -122,6 +126,10 @@ def bench_skipping(arch: str, batch: int, keep_rates, mask_kinds, device, warmup
             "conv_ms": split["conv"] * masked_ms,
             "index_ms": split["index"] * masked_ms,
             "other_ms": split["other"] * masked_ms,
+            # Pages the kernel had to fault in (and zero) per forward: memory freed to the OS and
+            # allocated again (backbone.cpu_allocator); 0 when freed memory stays in the process.
+            "page_faults_full": faults["full"],
+            "page_faults_masked": faults[(kind, keep_rate)],
         })
     return records
 
@@ -138,6 +146,13 @@ def distinct_row_counts(stream) -> dict:
 
 #: Operators that are index work of the masked runner (gathers, scatters, row lists).
 INDEX_OPS = ("index_select", "index_copy", "nonzero", "index_put", "aten::index", "masked_select", "gather", "scatter")
+
+
+def page_faults_per_call(fn, calls: int = 1) -> float:
+    """Minor page faults of the whole process per forward during one ``fn()`` (Linux, macOS)."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    fn()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
 
 
 def time_by_op_kind(fn) -> dict[str, float]:
@@ -355,7 +370,8 @@ def device_name(device: torch.device) -> str:
 
 def print_table(records: list[dict]) -> None:
     header = (f"{'arch':<12}{'batch':>6}{'mask':>10}{'keep':>6}{'full ms':>10}{'masked ms':>11}{'time frac':>10}"
-              f"{'FLOPs ratio':>12}{'time ratio':>11}{'efficiency':>11}{'peak MiB full/masked':>22}")
+              f"{'FLOPs ratio':>12}{'time ratio':>11}{'efficiency':>11}{'peak MiB full/masked':>22}"
+              f"{'rows/blk':>9}{'index ms':>9}{'other ms':>9}{'faults full/masked':>20}")
     print(header)
     print("-" * len(header))
     for r in records:
@@ -364,6 +380,7 @@ def print_table(records: list[dict]) -> None:
             f"{r['time_masked_ms']:>11.1f}{r['time_fraction']:>10.3f}{r['flops_ratio']:>12.2f}"
             f"{r['time_ratio']:>11.2f}{r['efficiency']:>11.2f}{_mib(r['peak_memory_full_mb']):>11}/{_mib(r['peak_memory_masked_mb']):<10}"
             f"{r['row_counts_per_block_mean']:>9.1f}{r['index_ms']:>9.2f}{r['other_ms']:>9.2f}"
+            f"{r['page_faults_full']:>11.0f}/{r['page_faults_masked']:<8.0f}"
         )
 
 
@@ -387,7 +404,6 @@ def main(argv=None) -> None:
                         help="skipping cases' input size (default: the family's, 32 CIFAR / 224 torchvision)")
     parser.add_argument("--json", type=Path, default=None, help="write the records to this file")
     parser.add_argument("--run", type=Path, default=None, help="--bench pair: the run directory whose trained pair to time")
-    parser.add_argument("--row-bucket", type=int, default=1, help="skipping: round partial row counts up to a multiple of this")
     parser.add_argument("--bench", nargs="+", default=["skipping", "env", "train", "layout", "shortcut"],
                         choices=["skipping", "env", "train", "layout", "shortcut", "pair"],
                         help="skipping: masked vs full forward; env: VecEnv throughput; train: data path vs tensors "
@@ -411,7 +427,8 @@ def main(argv=None) -> None:
             for batch in args.batch or ([1, 32] if imagenet else batches):
                 repeats = args.repeats or (3 if imagenet else (20 if batch == 1 else 5) // (2 if args.quick else 1))
                 records += bench_skipping(arch, batch, args.keep, args.masks, device, args.warmup, max(repeats, 3),
-                                          amp=args.amp, compile_blocks=args.compile, row_bucket=args.row_bucket, image_size=args.image_size)
+                                          amp=args.amp, compile_blocks=args.compile,
+                                          image_size=args.image_size)
                 print(f"done: {arch} batch {batch}", flush=True)
         print_table(records)
     # The other benches are about the CIFAR path (32 px data, the VecEnv, the oneDNN workaround).
@@ -453,7 +470,8 @@ def main(argv=None) -> None:
                   f"FLOPs ratio {r['flops_ratio']:.2f}, efficiency {r['efficiency']:.2f}")
             records.append(r)
     if args.json:
-        write_json(args.json, {"records": records, "torch": torch.__version__, "cpu": cpu_info()})
+        write_json(args.json, {"records": records, "torch": torch.__version__, "cpu": cpu_info(),
+                               "cpu_allocator": allocator_setting()})
         print(f"wrote {args.json}")
 
 

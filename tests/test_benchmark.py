@@ -15,11 +15,16 @@ def test_records_have_the_tracked_fields(tmp_path, capsys):
     records = written["records"]
     # The CPU model and ISA are recorded, so figures from different machines can be told apart.
     assert {"model_name", "aten_capability", "avx2", "avx512", "amx"} <= set(written["cpu"])
+    assert written["cpu_allocator"] in ("tuned", "system")
     skipping = [r for r in records if r["bench"] == "skipping"]
     assert {(r["batch"], r["mask_kind"]) for r in skipping} == {(1, "random"), (1, "patterns"), (8, "random"), (8, "patterns")}
     for r in skipping:
-        for key in ("device", "arch", "batch", "keep_rate", "mask_kind", "flops_ratio", "time_ratio", "efficiency"):
+        for key in ("device", "arch", "batch", "keep_rate", "mask_kind", "flops_ratio", "time_ratio", "efficiency",
+                    "cpu_allocator", "page_faults_full", "page_faults_masked", "row_counts_per_block_mean"):
             assert key in r, key
+        # Where the masked time goes: convolutions, index work and the rest add up to the time.
+        assert r["index_ms"] >= 0 and r["other_ms"] >= 0 and r["conv_ms"] > 0
+        assert r["conv_ms"] + r["index_ms"] + r["other_ms"] == pytest.approx(r["time_masked_ms"])
         assert r["flops_ratio"] > 1 and r["efficiency"] == pytest.approx(r["time_ratio"] / r["flops_ratio"])
         assert r["peak_memory_full_mb"] is None or r["peak_memory_full_mb"] > 0
     # Batch 1 runs a stream of 16 images with their own masks; "patterns" has at most 4 masks.

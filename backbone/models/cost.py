@@ -17,6 +17,7 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from backbone.models.resnet import SkippableResNet, check_keep_mask
+from backbone.cpu_allocator import releasing_memory
 
 
 def count_flops(fn: Callable[[], object]) -> int:
@@ -149,7 +150,9 @@ def median_times(fns: dict[str, Callable[[], object]], device: torch.device, war
 def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float | None:
     """Peak memory while ``fn()`` runs, in MiB: on CUDA the most tensor memory allocated above
     what was allocated before; on Linux CPUs the peak resident set size of the whole process
-    (reset just before the call, so it is this call's peak, baseline included). None elsewhere."""
+    (reset just before the call, so it is this call's peak, baseline included), measured with
+    freed memory handed back to the kernel (``backbone.cpu_allocator.releasing_memory``: the
+    tuned allocator would keep the process at its high-water mark). None elsewhere."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_allocated(device)
@@ -158,9 +161,10 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float | No
         torch.cuda.synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - before) / 2**20
     try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM, the peak RSS (Linux >= 4.0)
-        fn()
+        with releasing_memory():
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM, the peak RSS (Linux >= 4.0)
+            fn()
         with open("/proc/self/status") as f:
             peak_kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
         return peak_kb / 1024

@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from backbone.models.fused import conv_bn
+
 #: Per-channel input statistics; the model normalises its own input (uint8 or float in [0, 1]).
 NORMALIZATION = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -34,6 +36,8 @@ SHORTCUTS = ("A", "B")
 
 class ShortcutA(nn.Module):
     """Parameter-free shortcut: strided subsampling and zero channel padding on both sides."""
+
+    costs_no_flops = True  # the masked runner may apply it to every row (run_block_masked)
 
     def __init__(self, in_planes: int, planes: int, stride: int):
         super().__init__()
@@ -90,13 +94,12 @@ class BasicBlock(nn.Module):
         self.shortcut = _shortcut(in_planes, planes, stride, shortcut)
         self.out_planes = planes
         self.stride = stride
-
-    @property
-    def downsamples(self) -> bool:
-        return not isinstance(self.shortcut, nn.Identity)
+        # A plain attribute, not a property over self.shortcut: a submodule lookup goes through
+        # nn.Module.__getattr__ (~1 µs), and the masked forward asks every block each call.
+        self.downsamples = not isinstance(self.shortcut, nn.Identity)
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
-        residual = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        residual = conv_bn(self.conv2, self.bn2, F.relu(conv_bn(self.conv1, self.bn1, x)))
         if gate is not None:
             # gate is 1 for every row that gets here; multiplying keeps the value and lets a
             # differentiable gate receive d(loss)/d(gate) = <grad, residual>.
@@ -116,7 +119,6 @@ def run_block_masked(
     gate: torch.Tensor | None = None,
     inplace: bool = False,
     call: Callable[..., torch.Tensor] | None = None,
-    row_bucket: int = 1,
 ) -> torch.Tensor:
     """Run ``block`` only on rows ``keep_rows``; rows ``skip_rows`` take the shortcut.
 
@@ -125,45 +127,62 @@ def run_block_masked(
     ``x``'s memory format. ``inplace``: an identity-shortcut block may write its kept rows into
     ``x`` itself (saves a full copy; only for an intermediate nobody else needs, without autograd).
     ``call(block, x, gate)`` runs the block (default: eagerly; see ``SkippableResNet.compile_blocks``).
-    ``row_bucket``: run the block on a number of rows rounded up to a multiple of this (the last
-    kept row repeated, its copies dropped after), so that the convolutions see few distinct batch
-    shapes; inference only (a training-mode BatchNorm would count the copies).
+    Each block runs on exactly its kept rows: a convolution's time is linear in the row count, so
+    padding the count up to a multiple of 8 or 16 (fewer distinct shapes) only adds work
+    (measured: efficiency 0.80 instead of 0.89, docs/results.md).
     """
     call = call or call_block
     if skip_rows.numel() == 0:
         return call(block, x, gate)
     if keep_rows.numel() == 0:
         return block.skip(x)
-    count = keep_rows.numel()
-    if row_bucket > 1 and count % row_bucket and gate is None and not torch.is_grad_enabled():
-        padded = torch.cat([keep_rows, keep_rows[-1:].expand(row_bucket - count % row_bucket)])
-        kept = call(block, _take_rows(x, padded), gate)[:count]
-    else:
-        kept = call(block, _take_rows(x, keep_rows), gate)
+    kept = call(block, _take_rows(x, keep_rows), gate)
     if not block.downsamples:
         # Identity shortcut: skipped rows keep their activation, kept rows are overwritten, in a
         # copy unless allowed in place (with autograd the previous layer saved x for its backward).
         return _put_rows(x if inplace else x.clone(), keep_rows, kept)
+    if getattr(getattr(block, "shortcut", None), "costs_no_flops", False):
+        # A parameter-free shortcut (option A: a strided view and zero channels) on every row is
+        # cheaper than gathering the skipped rows for it; the kept rows are then overwritten.
+        out = block.skip(x).contiguous(memory_format=memory_format_of(x))
+        return _put_rows(out, keep_rows, kept)
     skipped = block.skip(_take_rows(x, skip_rows))
     out = torch.empty((x.shape[0],) + tuple(kept.shape[1:]), dtype=kept.dtype, device=kept.device,
                       memory_format=memory_format_of(x))
     return _put_rows(_put_rows(out, keep_rows, kept), skip_rows, skipped)
 
 
-# Row gathers and scatters that keep the layout: on a channels_last tensor they work on its NHWC
-# view, which is contiguous, so each is one plain copy (index_select on the NCHW view would
-# return NCHW rows, and converting them back would cost two transposes per block).
-def _take_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+# Row gathers and scatters that keep the layout, on a 2-D (rows, features) view of the tensor: on
+# a channels_last tensor its NHWC view is contiguous, so a row is one contiguous run either way.
+# index_select on a 2-D view copies whole rows (about 2x faster on CPUs than on the 4-D view,
+# docs/results.md), and no layout conversion (two transposes per block) is ever needed.
+def _rows_view(x: torch.Tensor) -> torch.Tensor:
     if memory_format_of(x) == torch.channels_last:
-        return x.permute(0, 2, 3, 1).index_select(0, rows).permute(0, 3, 1, 2)
-    return x.index_select(0, rows)
+        x = x.permute(0, 2, 3, 1)
+    return x.reshape(x.shape[0], -1) if x.is_contiguous() else x
+
+
+def _from_rows(rows_2d: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    count = rows_2d.shape[0]
+    if memory_format_of(like) == torch.channels_last:
+        n, c, h, w = like.shape
+        return rows_2d.view(count, h, w, c).permute(0, 3, 1, 2)
+    return rows_2d.view((count,) + tuple(like.shape[1:]))
+
+
+def _take_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    view = _rows_view(x)
+    if view.dim() != 2:  # neither layout is contiguous: a plain gather
+        return x.index_select(0, rows)
+    return _from_rows(view.index_select(0, rows), x)
 
 
 def _put_rows(out: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    if memory_format_of(out) == torch.channels_last:
-        out.permute(0, 2, 3, 1).index_copy_(0, rows, values.permute(0, 2, 3, 1))
-    else:
+    view = _rows_view(out)
+    if view.dim() != 2:
         out.index_copy_(0, rows, values)
+    else:
+        view.index_copy_(0, rows, _rows_view(values.contiguous(memory_format=memory_format_of(out))))
     return out
 
 
@@ -191,9 +210,6 @@ class SkippableResNet(nn.Module):
     _blocks: tuple[nn.Module, ...] = ()
     _call_block: Callable[..., torch.Tensor] = staticmethod(call_block)
     arch: dict
-    #: Inference: partial batches of kept rows are rounded up to a multiple of this many rows
-    #: (``run_block_masked``'s ``row_bucket``); 1 = exact row counts.
-    row_bucket: int = 1
 
     def compile_blocks(self, enabled: bool = True, **compile_kwargs) -> SkippableResNet:
         """Run every block through ``torch.compile`` (``enabled=False``: eagerly again); returns self.
@@ -274,7 +290,7 @@ class SkippableResNet(nn.Module):
                 gate = keep_mask[keep_rows, i] if with_gate else None
                 # x is this forward's own intermediate: without autograd it may be overwritten.
                 inplace = not (torch.is_grad_enabled() and x.requires_grad)
-                x = run_block_masked(block, x, keep_rows, skip_rows, gate, inplace, call, self.row_bucket)
+                x = run_block_masked(block, x, keep_rows, skip_rows, gate, inplace, call)
         return x
 
 
@@ -356,7 +372,7 @@ class CifarResNet(SkippableResNet):
         x = x.contiguous(memory_format=memory_format_of(self.conv1.weight))
         scale = self.input_scale_uint8 if x.dtype == torch.uint8 else self.input_scale
         x = torch.addcmul(self.input_shift, x.float(), scale)
-        return F.relu(self.bn1(self.conv1(x)))
+        return F.relu(conv_bn(self.conv1, self.bn1, x))
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))

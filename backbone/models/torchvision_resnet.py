@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from backbone.errors import CheckpointError, ConfigError
+from backbone.models.fused import conv_bn
 from backbone.models.resnet import SkippableResNet, _normalization, build_resnet, memory_format_of
 
 
@@ -38,17 +39,14 @@ class TorchvisionBlock(nn.Module):
 
     expansion = 1
     downsample: nn.Module | None
+    downsamples: bool  # downsample is not None; a plain attribute (see backbone.models.resnet.BasicBlock)
 
     def residual(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    @property
-    def downsamples(self) -> bool:
-        return self.downsample is not None
-
     def skip(self, x: torch.Tensor) -> torch.Tensor:
         """What a row whose keep bit is clear gets: the shortcut alone (identity or downsample)."""
-        return x if self.downsample is None else self.downsample(x)
+        return x if self.downsample is None else conv_bn(self.downsample[0], self.downsample[1], x)
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
         residual = self.residual(x)
@@ -69,10 +67,11 @@ class TorchvisionBasicBlock(TorchvisionBlock):
         self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = downsample
+        self.downsamples = downsample is not None
         self.stride = stride
 
     def residual(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)), inplace=True)))
+        return conv_bn(self.conv2, self.bn2, F.relu(conv_bn(self.conv1, self.bn1, x), inplace=True))
 
 
 class TorchvisionBottleneck(TorchvisionBlock):
@@ -89,12 +88,13 @@ class TorchvisionBottleneck(TorchvisionBlock):
         self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(planes * 4)
         self.downsample = downsample
+        self.downsamples = downsample is not None
         self.stride = stride
 
     def residual(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.relu(self.bn1(self.conv1(x)), inplace=True)
-        h = F.relu(self.bn2(self.conv2(h)), inplace=True)
-        return self.bn3(self.conv3(h))
+        h = F.relu(conv_bn(self.conv1, self.bn1, x), inplace=True)
+        h = F.relu(conv_bn(self.conv2, self.bn2, h), inplace=True)
+        return conv_bn(self.conv3, self.bn3, h)
 
 
 #: name: (block class, blocks per stage), as in torchvision.models.resnet.
@@ -184,7 +184,7 @@ class TorchvisionResNet(SkippableResNet):
         x = x.contiguous(memory_format=memory_format_of(self.conv1.weight))
         scale = self.input_scale_uint8 if x.dtype == torch.uint8 else self.input_scale
         x = torch.addcmul(self.input_shift, x.float(), scale)
-        return self.maxpool(F.relu(self.bn1(self.conv1(x)), inplace=True))
+        return self.maxpool(F.relu(conv_bn(self.conv1, self.bn1, x), inplace=True))
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(self.avgpool(x), 1))

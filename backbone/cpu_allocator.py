@@ -1,0 +1,89 @@
+"""Keep freed tensor memory in the process on Linux CPUs (glibc), instead of handing it back to
+the kernel and faulting it in again on the next allocation.
+
+Why: glibc serves allocations above ``M_MMAP_THRESHOLD`` with ``mmap`` and unmaps them on free,
+and trims the top of the heap when more than ``M_TRIM_THRESHOLD`` is free. Both thresholds
+move on their own as the process frees memory, so whether a 12 MB activation costs a few
+thousand page faults (each page zeroed by the kernel) depends on the process's history. A
+masked forward allocates partial batches of ever-new sizes: measured on an AMD EPYC with
+oneDNN's AVX2 kernels (docs/results.md, "Real skipping on every CPU"), a ResNet-56 forward at
+batch 256 took 60,000-110,000 minor page faults per call, ran 1.27-1.4x slower than without
+them, and the masked/full time ratio swung from run to run (efficiency 0.63-1.08 for the same
+masks). With both thresholds fixed, the same calls take no page faults at all.
+
+:func:`tune_cpu_allocator` fixes them (allocations up to 32 MiB come from the heap and stay there
+when freed; the heap is trimmed only above 1 GiB free). It is applied once when ``backbone`` is
+imported; ``DYNDEPTH_CPU_ALLOCATOR=system`` leaves glibc's defaults alone. The cost: freed
+memory stays in the process (its resident size stays at its high-water mark), as with the
+caching allocators torch uses on GPUs. :func:`releasing_memory` undoes it for a measurement of
+peak memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import os
+import sys
+from typing import Iterator
+
+# mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+#: Largest mmap threshold glibc accepts on 64-bit (4 MiB · sizeof(long)).
+MMAP_THRESHOLD = 32 * 2**20
+TRIM_THRESHOLD = 2**30
+ENV = "DYNDEPTH_CPU_ALLOCATOR"
+
+_state = {"tuned": False}
+
+
+def _glibc():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.gnu_get_libc_version  # noqa: B018 - raises AttributeError on musl and others
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+def tune_cpu_allocator() -> bool:
+    """Fix glibc's mmap and trim thresholds (see the module docstring); True if they are set.
+    A no-op returning False off glibc, or with ``DYNDEPTH_CPU_ALLOCATOR=system``."""
+    if os.environ.get(ENV, "tuned") == "system":
+        return False
+    libc = _glibc()
+    if libc is None:
+        return False
+    ok = libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+    _state["tuned"] = ok
+    return ok
+
+
+def allocator_setting() -> str:
+    """What the benchmark records: ``tuned`` or ``system``."""
+    return "tuned" if _state["tuned"] else "system"
+
+
+@contextlib.contextmanager
+def releasing_memory() -> Iterator[None]:
+    """Inside: freed memory goes back to the kernel at once (every allocation that the heap cannot
+    serve is mmapped, the heap is trimmed first and on every free), so the resident size follows
+    the live tensors and its peak measures a call's memory. Restores the tuned thresholds after.
+    Untuned (glibc's own dynamic thresholds, which a mallopt call would switch off for good) it
+    changes nothing."""
+    libc = _glibc()
+    if libc is None or not _state["tuned"]:
+        yield
+        return
+    libc.malloc_trim(0)
+    libc.mallopt(M_MMAP_THRESHOLD, 0)
+    libc.mallopt(M_TRIM_THRESHOLD, 0)
+    try:
+        yield
+    finally:
+        libc.malloc_trim(0)
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+        libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)

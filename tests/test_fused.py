@@ -1,0 +1,60 @@
+"""Conv + BatchNorm folded into one convolution at inference (backbone.models.fused)."""
+
+import torch
+import torch.nn as nn
+
+from backbone import build_resnet
+from backbone.models.fused import conv_bn
+
+
+def _pair(seed: int = 0) -> tuple[nn.Conv2d, nn.BatchNorm2d]:
+    torch.manual_seed(seed)
+    conv, bn = nn.Conv2d(5, 7, 3, padding=1, bias=False), nn.BatchNorm2d(7)
+    with torch.no_grad():
+        bn.running_mean.normal_(0, 0.5), bn.running_var.uniform_(0.2, 3.0)
+        bn.weight.uniform_(0.5, 1.5), bn.bias.normal_(0, 0.3)
+    return conv, bn
+
+
+def test_folded_equals_unfolded_and_follows_every_change():
+    conv, bn = _pair()
+    conv.eval(), bn.eval()
+    x = torch.randn(4, 5, 9, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(conv_bn(conv, bn, x), bn(conv(x)), rtol=1e-5, atol=1e-5)
+        first = conv.__dict__["_dyndepth_folded"][1]
+        conv_bn(conv, bn, x)
+        assert conv.__dict__["_dyndepth_folded"][1] is first  # cached while nothing changed
+        for change in (lambda: conv.weight.mul_(2), lambda: bn.running_var.add_(1), lambda: bn.bias.sub_(0.5),
+                       lambda: bn.load_state_dict({k: v * 1.5 for k, v in bn.state_dict().items()})):
+            change()
+            torch.testing.assert_close(conv_bn(conv, bn, x), bn(conv(x)), rtol=1e-5, atol=1e-5)
+    conv.to(memory_format=torch.channels_last)  # new memory for the same parameter objects
+    with torch.no_grad():
+        torch.testing.assert_close(conv_bn(conv, bn, x), bn(conv(x)), rtol=1e-5, atol=1e-5)
+
+
+def test_training_and_autograd_use_batchnorm_itself():
+    conv, bn = _pair(1)
+    x = torch.randn(4, 5, 9, 9)
+    before = bn.running_mean.clone()
+    conv_bn(conv, bn, x).sum().backward()  # train mode: batch statistics, running ones updated
+    assert not torch.equal(bn.running_mean, before) and conv.weight.grad is not None
+    bn.eval()
+    conv.weight.grad = None
+    out = conv_bn(conv, bn, x)  # eval with autograd on (e.g. frozen-BN fine-tuning): gradients flow
+    out.sum().backward()
+    assert conv.weight.grad is not None and bn.weight.grad is not None
+    assert "_dyndepth_folded" not in conv.__dict__
+
+
+def test_a_model_in_eval_mode_predicts_the_same_folded():
+    model = build_resnet(14, num_classes=6, width=4).eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.running_mean.normal_(0, 0.2), m.running_var.uniform_(0.5, 2.0)
+    x = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    unfolded = model(x)  # autograd on: BatchNorm as it is
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), unfolded.detach(), rtol=1e-4, atol=1e-4)
