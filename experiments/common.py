@@ -20,7 +20,7 @@ from typing import Callable
 from backbone.errors import CheckpointError, ConfigError, DyndepthError, OutputError
 from backbone.training import distributed
 from backbone.training.interrupt import Interrupted, clear_stop, install_signal_handlers
-from backbone.models.weights import write_atomically
+from backbone.models.weights import remove_stale_temporary_files, write_atomically
 from experiments.config import ExperimentConfig, dump_config, load_config, to_dict
 
 
@@ -83,6 +83,10 @@ def _prepare_output_dir(directory: Path, cfg: ExperimentConfig, resume: bool, ov
                     f"--resume: the config differs from the one in {saved} at {', '.join(differences)}; "
                     f"resume with the same config or start a new run"
                 )
+        if resume:
+            # A SIGKILL between writing a file and renaming it leaves its temporary file; this
+            # process owns the run now (the lock), so nothing else is writing one.
+            remove_stale_temporary_files(directory)
     directory.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, saved)
     return directory

@@ -26,7 +26,7 @@ from experiments.common import (
     update_metrics,
     write_json,
 )
-from experiments.compare import run_compare
+from experiments.compare import run_compare, static_recipe
 from experiments.config import ExperimentConfig
 from experiments.curves import seed_summary
 from experiments.evaluate import evaluate_run
@@ -126,6 +126,8 @@ def main(args) -> None:
     resolve_device(cfg.device)
     splits = load_splits(cfg.data)  # bad data input fails here, before anything is written
     build_backbone(cfg, splits.train.num_classes)  # and a bad imported checkpoint
+    if cfg.study.baselines:
+        static_recipe(cfg)  # an imported backbone without study.static_epochs: refused before the policies train
     run_dirs = []
     for seed_cfg in seed_configs(cfg):
         shared = run_dirs[0] if run_dirs and cfg.study.share_backbone else None

@@ -44,7 +44,7 @@ from backbone.errors import ConfigError
 from backbone.training.loop import resolve_device
 from experiments.common import (cli, config_from_args, experiment_parser, owning, prepare_output_dir, prepare_run_dir,
                                 release_run_dir, write_json)
-from experiments.compare import run_compare, with_policy_curves
+from experiments.compare import run_compare, static_recipe, with_policy_curves
 from experiments.config import ExperimentConfig, from_dict, to_dict
 from experiments.evaluate import evaluate_run
 from experiments.finetune import finetune_dir, finetune_section, run_finetune
@@ -307,6 +307,8 @@ def main(args: argparse.Namespace) -> int:
     if args.cpus_per_trial <= 0 or args.gpus_per_trial < 0 or args.max_failures < -1:
         raise ConfigError("--cpus-per-trial must be > 0, --gpus-per-trial >= 0 and --max-failures >= -1 (-1: no limit)")
     study = trial_device(config_from_args(args), args.gpus_per_trial)
+    if study.study.baselines:
+        static_recipe(study)  # an imported backbone needs study.static_epochs: refused before any trial
     ray, tune = import_ray()
     if args.address and args.address != "auto":
         check_reachable(args.address)

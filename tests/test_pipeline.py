@@ -177,5 +177,37 @@ def test_difficulty_probe_cli(study):
         assert 0 <= probe["group_accuracy"] <= 1 and -1 <= probe["correlation"] <= 1 and probe["chance"] == 0.25
     # The synthetic levels differ in noise and contrast, which the stem's statistics see.
     assert data["probes"]["stem"]["group_accuracy"] > 0.4
+    bound = data["policy_bound"]
+    at = bound["at_budgets"]
+    assert {"fixed subset", "oracle (per image)", "knows the difficulty group (oracle)", "probe policy on stem"} <= set(at)
+    for i, _ in enumerate(bound["budgets"]):
+        reached = {name: values[i] for name, values in at.items() if values[i] is not None}
+        # No policy choosing among the ladder's masks beats the per-image oracle among them.
+        assert all(v <= reached["oracle (per image)"] + 1e-9 for v in reached.values()), reached
     bad = run("--run", "nowhere", cwd=work, module="experiments.probe")
     assert bad.returncode == 2 and "not a run directory" in bad.stderr
+
+
+def test_study_on_an_imported_backbone_trains_every_baseline(study, tmp_path):
+    """model.init_checkpoint with pretrain.epochs 0: the static networks get study.static_epochs of
+    their own (from scratch), so no untrained network enters the comparison; without that
+    setting the study refuses to start the comparison with a clear error."""
+    work, _ = study
+    imported = work / "runs" / "tiny" / "backbone.pt"
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    common = ["--config", "tiny.yaml", "--set", f"model.init_checkpoint={imported}", "--set", "pretrain.epochs=0"]
+    refused = run(*common, "--set", "name=no_static_budget", cwd=tmp_path)
+    assert refused.returncode == 2 and "study.static_epochs" in refused.stderr, refused.stderr[-2000:]
+    assert not (tmp_path / "runs" / "no_static_budget").exists()  # refused before any work
+    result = run(*common, "--set", "name=imported", "--set", "study.static_epochs=2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "runs" / "imported" / "metrics.json").read_text())
+    compare = metrics["compare"]
+    static = compare["curves"]["static ResNet (depth × width)"]
+    assert static and all(p["knob"]["epochs"] == 2 and p["train_time_s"] > 0 for p in static)
+    assert compare["static_recipe"]["epochs"] == 2 and compare["static_recipe"]["stochastic_depth"] == 0.0
+    full = compare["curves"]["full backbone"][0]["accuracy"]
+    assert full == pytest.approx(json.loads((work / "runs" / "tiny" / "metrics.json").read_text())["compare"]["curves"]["full backbone"][0]["accuracy"])
+    # Every method that starts from the backbone got the joint fine-tuning's budget.
+    for name in ("fixed subset + fine-tuning", "random dropping + fine-tuning", "full backbone + fine-tuning"):
+        assert compare["curves"][name], name

@@ -105,3 +105,21 @@ def test_a_script_that_is_not_distributed_is_refused_under_torchrun(work):
     )
     assert result.returncode == 2 and "does not run under torchrun" in result.stderr, result.stderr
     assert not (work / "runs").exists()
+
+
+def test_the_owner_removes_temporary_files_a_killed_writer_left(tmp_path):
+    cfg = load_config("quickstart", [f"output_dir={tmp_path}", "name=stale"])
+    run_dir = prepare_run_dir(cfg)
+    release_run_dir(run_dir)
+    (run_dir / "policy").mkdir()
+    stale = [run_dir / ".metrics.json.0123abcd.tmp", run_dir / "policy" / ".last.zip.deadbeef.tmp"]
+    kept = [run_dir / ".notes.tmp", run_dir / "metrics.json"]  # not write_atomically's names
+    for path in stale + kept:
+        path.write_text("x")
+    with pytest.raises(ConfigError):
+        prepare_run_dir(cfg)  # without --resume nothing in the directory is touched
+    release_run_dir(run_dir)
+    assert all(p.exists() for p in stale + kept)
+    prepare_run_dir(cfg, resume=True)
+    release_run_dir(run_dir)
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)

@@ -104,6 +104,20 @@ def write_atomically(
     return path
 
 
+#: The temporary files of write_atomically: ``.<name>.<8 hex digits>.tmp``.
+_TEMPORARY = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")
+
+
+def remove_stale_temporary_files(directory: str | os.PathLike) -> list[Path]:
+    """Delete what :func:`write_atomically` leaves when its process is SIGKILLed between writing
+    and renaming (no handler runs then), anywhere under ``directory``. Only for the owner of a run
+    directory (``experiments.common.lock_run_dir``): another writer's file would be in flight."""
+    removed = [p for p in Path(directory).rglob(".*.tmp") if p.is_file() and _TEMPORARY.fullmatch(p.name)]
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """Read a checkpoint onto the CPU, never unpickling anything but tensors and plain data."""
     path = Path(path)
