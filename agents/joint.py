@@ -16,6 +16,15 @@ Both sets of weights change, in the one supervised loop of ``backbone.training.l
 statistics) with only the rows that the policy routes through it, which is exactly the
 population that block sees at inference. Running statistics therefore adapt to the policy's
 routing instead of to the full network's; the policy's forward passes run in eval mode.
+
+**Under torchrun** (``torchrun -m experiments.finetune``) the backbone trains data-parallel as in
+``train``, and the policy step is data-parallel too: every rank takes its share of the same
+global policy batch (``finetune.policy_batch_size``), scores it with rank 0's BatchNorm
+statistics (broadcast before each step: the backbone's running statistics are per rank), and
+the policy's gradients are averaged over ranks before Adam's step, so every rank keeps the same
+policy; the end of training checks that the ranks' copies agree. What differs from one process:
+the backbone's BatchNorm batch statistics (per rank), and with ``backbone_masks: sampled`` the
+random draws of the masks (SB3 samples each rank's rows with its own RNG).
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from agents.pair import DynamicModel
 from backbone.data.batching import BatchLoader
 from backbone.data.datasets import ImageDataset
 from backbone.errors import ConfigError
+from backbone.training import distributed
 from backbone.training.loop import TrainConfig, train
 from envs.rewards import RewardConfig, episode_reward, reward_score
 
@@ -61,7 +71,10 @@ class PolicyGradientStep:
     def __init__(self, pair: DynamicModel, policy_images: ImageDataset, reward: RewardConfig, cfg: FinetuneConfig, seed: int):
         self.pair, self.reward, self.cfg = pair, reward, cfg
         device = next(pair.parameters()).device
-        self.loader = BatchLoader(policy_images, cfg.policy_batch_size, device=device, shuffle=True, seed=seed + 1, drop_last=False)
+        ctx = distributed.current()  # under torchrun: this rank's share of each global policy batch
+        ranks = {"rank": ctx.rank, "world_size": ctx.world_size} if ctx.enabled else {}
+        self.loader = BatchLoader(policy_images, cfg.policy_batch_size, device=device, shuffle=True, seed=seed + 1,
+                                  drop_last=False, **ranks)
         self.optimizer = torch.optim.Adam(pair.policy.parameters(), lr=cfg.policy_lr)
         self._epoch, self._position, self._batches = 0, 0, None  # where in the policy images we are
         self.history: list[dict] = []
@@ -99,6 +112,7 @@ class PolicyGradientStep:
 
     def __call__(self, *_unused) -> None:
         images, labels = self._next_batch()
+        distributed.broadcast_module(self.pair.backbone, parameters=False)  # rank 0's BN statistics score every share
         policy = self.pair.policy
         was_training = policy.training
         policy.set_training_mode(False)  # no train/eval difference in our policies; SB3 convention for rollouts
@@ -109,6 +123,7 @@ class PolicyGradientStep:
         loss = -(advantage * sampled.log_prob).mean() - self.cfg.entropy_coef * sampled.entropy.mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        distributed.average_gradients_of(list(policy.parameters()))  # the mean over ranks' shares: one policy everywhere
         self.optimizer.step()
         policy.set_training_mode(was_training)
         self.history.append({"policy_loss": loss.item(), "blocks_sampled": sampled.keep_mask.sum(1).float().mean().item()})
@@ -144,6 +159,7 @@ def joint_finetune(
         pair, train_set, val_set, cfg, checkpoint_dir=checkpoint_dir, writer=writer, resume=resume,
         mask_sampler=sample_masks, after_step=policy_step, seed=seed, desc="finetune",
     )
+    distributed.check_same_on_all_ranks(pair, "the backbone and policy")
     if writer is not None and policy_step.history:
         for i, h in enumerate(policy_step.history):
             writer.add_scalar("losses/policy_loss", h["policy_loss"], i)

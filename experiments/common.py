@@ -291,11 +291,21 @@ def load_policy(path: Path, algo: str, backbone, env_kind: str, backbone_file: P
 
 
 def tensorboard_writer(run_dir: Path, stage: str):
-    """One log tree per run: ``tensorboard --logdir runs/<name>/tb`` shows every stage."""
+    """One log tree per run: ``tensorboard --logdir runs/<name>/tb`` shows every stage. Under
+    torchrun rank 0 logs; the other ranks get a writer that writes nothing."""
+    if not distributed.is_main_process():
+        return _NoWriter()
     lock_run_dir(run_dir)
     from torch.utils.tensorboard import SummaryWriter
 
     return SummaryWriter(str(run_dir / "tb" / stage))
+
+
+class _NoWriter:
+    """A ``SummaryWriter`` stand-in whose every method does nothing."""
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: None
 
 
 def cli(

@@ -47,6 +47,7 @@ from backbone.errors import ConfigError
 from backbone.models.cost import measure_backbone_cost
 from backbone.models.torchvision_resnet import build_torchvision_resnet, resolve_weights
 from backbone.models.weights import load_checkpoint, load_model, model_from_arch, save_checkpoint
+from backbone.training import distributed
 from backbone.training.loop import evaluate, predict, resolve_device, stochastic_depth_sampler, train
 from experiments.common import cli, config_from_args, experiment_parser, finished_stage, tensorboard_writer, update_metrics
 from experiments.config import ExperimentConfig
@@ -155,7 +156,8 @@ def random_dropping(cfg, backbone, cost, splits, pretrain_time, resume) -> dict:
     tuned = []
     for budget in cfg.study.budgets:
         rate = min(1.0, max(0.0, (budget * full - cost.min_flops) / span))
-        sampler = stochastic_depth_sampler(num_blocks, 1.0 - rate, "uniform")
+        ctx = distributed.current()  # under torchrun: masks drawn for the global batch, each rank keeps its rows
+        sampler = stochastic_depth_sampler(num_blocks, 1.0 - rate, "uniform", ctx.rank, ctx.world_size)
         model, train_time = finetuned_on_masks(cfg, backbone, f"random_keep{rate:.3f}", sampler, splits, resume)
         tuned.append(scored(model, rate, pretrain_time + train_time, budget=budget))
     return {RANDOM: plain, RANDOM_FT: tuned}
@@ -307,7 +309,10 @@ def run_compare(cfg: ExperimentConfig, resume: bool = False, splits: Splits | No
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
     if not backbone_path(run_dir).exists():
         raise ConfigError(f"no backbone in {run_dir}: run the earlier stages first")
-    device = resolve_device(cfg.device)
+    # Under torchrun every rank runs every step (the training data-parallel, the cheap scoring
+    # duplicated, so the ranks stay in step) and rank 0 writes every file.
+    ctx = distributed.current()
+    device = ctx.device or resolve_device(cfg.device)
     splits = splits if splits is not None else load_splits(cfg.data)
     backbone = load_backbone(run_dir, device).eval()
     for section, v in metrics.items():  # else the policy curves would mix in results of another backbone
@@ -341,8 +346,9 @@ def run_compare(cfg: ExperimentConfig, resume: bool = False, splits: Splits | No
         "wall_time_s": time.perf_counter() - tic,
     }
     result = with_policy_curves(result, metrics if policy_metrics is None else policy_metrics)
-    update_metrics(run_dir, STAGE, result)
-    print_headline(result)
+    if ctx.is_main:
+        update_metrics(run_dir, STAGE, result)
+        print_headline(result)
     return result
 
 
@@ -357,9 +363,13 @@ def print_headline(result: dict) -> None:
 def main(args) -> None:
     cfg = config_from_args(args)
     resolve_device(cfg.device)
-    static_recipe(cfg)  # an imported backbone without a static budget fails before any work
+    recipe = static_recipe(cfg)  # an imported backbone without a static budget fails before any work
+    world = distributed.env_world_size()
+    distributed.check_batch_divisible(cfg.finetune.batch_size, world, "finetune.batch_size")
+    distributed.check_batch_divisible(recipe.batch_size, world, "pretrain.batch_size (the static networks' recipe)")
+    distributed.init_distributed(cfg.device)
     run_compare(cfg, resume=args.resume, splits=load_splits(cfg.data))
 
 
 if __name__ == "__main__":
-    cli(main, experiment_parser(__doc__.splitlines()[0]))
+    cli(main, experiment_parser(__doc__.splitlines()[0]), distributed_ok=True)

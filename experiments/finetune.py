@@ -25,6 +25,7 @@ from backbone.data.datasets import Splits, load_splits
 from backbone.errors import ConfigError
 from backbone.models.weights import save_checkpoint
 from backbone.training.loop import resolve_device
+from backbone.training import distributed
 from experiments.common import (
     cli,
     config_from_args,
@@ -55,7 +56,8 @@ def run_finetune(cfg: ExperimentConfig, tag: str = "policy", resume: bool = Fals
     done = finished_stage(run_dir, section, out_dir / "policy.zip", resume)
     if done is not None:
         return done
-    device = resolve_device(cfg.device)
+    ctx = distributed.current()  # under torchrun: this rank's device; every rank trains, rank 0 writes
+    device = ctx.device or resolve_device(cfg.device)
     backbone, model = load_pair(cfg, tag, device)
     splits = splits if splits is not None else load_splits(cfg.data)
     train_images, eval_images = policy_images(cfg, splits)
@@ -72,6 +74,8 @@ def run_finetune(cfg: ExperimentConfig, tag: str = "policy", resume: bool = Fals
         )
     finally:
         writer.close()
+    if not ctx.is_main:  # the test scores and every file are rank 0's
+        return {"history": result["history"], "rank": ctx.rank}
     pair.eval()
     save_checkpoint(out_dir / "backbone.pt", pair.backbone, stage=section)
     save_atomic(model, out_dir / "policy.zip")  # model.policy is the fine-tuned network itself
@@ -119,6 +123,10 @@ def load_pair(cfg: ExperimentConfig, tag: str, device):
 def main(args) -> None:
     cfg = config_from_args(args)
     load_pair(cfg, args.tag, resolve_device(cfg.device))  # a bad backbone or policy fails before anything is written
+    world = distributed.env_world_size()
+    distributed.check_batch_divisible(cfg.finetune.batch_size, world, "finetune.batch_size")
+    distributed.check_batch_divisible(cfg.finetune.policy_batch_size, world, "finetune.policy_batch_size")
+    distributed.init_distributed(cfg.device)
     splits = load_splits(cfg.data)
     prepare_output_dir(finetune_dir(cfg.run_dir, args.tag), cfg, resume=args.resume, overwrite=args.overwrite)
     run_finetune(cfg, args.tag, resume=args.resume, splits=splits)
@@ -127,4 +135,4 @@ def main(args) -> None:
 if __name__ == "__main__":
     parser = experiment_parser(__doc__.splitlines()[0])
     parser.add_argument("--tag", default="policy", help="which trained policy of the run to fine-tune")
-    cli(main, parser)
+    cli(main, parser, distributed_ok=True)

@@ -79,8 +79,12 @@ def write_atomically(
 ) -> Path:
     """Write ``data`` to ``path`` through a temporary file and a rename, so readers see the old
     file or the new one, never half of one. A failed write (a full disk, say) raises ``error``
-    naming the file; the previous file stays unchanged and no temporary file is left behind."""
+    naming the file; the previous file stays unchanged and no temporary file is left behind.
+    Under torchrun only rank 0 writes (checkpoints, metrics, policies): on the other ranks this
+    returns without touching the disk."""
     path = Path(path)
+    if not _writes_here():
+        return path  # under torchrun every file of a run is rank 0's
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -102,6 +106,12 @@ def write_atomically(
         finally:
             os.close(fd)
     return path
+
+
+def _writes_here() -> bool:
+    from backbone.training import distributed  # imported here: backbone.training imports this module
+
+    return distributed.is_main_process()
 
 
 #: The temporary files of write_atomically: ``.<name>.<8 hex digits>.tmp``.

@@ -220,6 +220,31 @@ def average_gradients(params: list[torch.Tensor], used: list[int]) -> None:
             offset += g.numel()
 
 
+def average_gradients_of(params: list[torch.Tensor]) -> None:
+    """:func:`average_gradients` for a step outside ``train`` (e.g. the policy's during joint
+    fine-tuning): the has-a-gradient flags travel in one host message first. No-op in one process."""
+    if current().enabled:
+        average_gradients(params, all_reduce_flags([int(p.grad is not None) for p in params]))
+
+
+def check_same_on_all_ranks(module: torch.nn.Module, what: str) -> None:
+    """Raise if ``module``'s parameters differ between ranks (checked through two sums per rank:
+    of the values and of the values weighted by position), e.g. after training that must keep
+    every rank's copy identical. No-op in one process."""
+    ctx = current()
+    if not ctx.enabled:
+        return
+    with torch.no_grad():
+        flat = torch.cat([p.detach().reshape(-1).double().cpu() for p in module.parameters()])
+        weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64).remainder_(9973).add_(1)
+        local = torch.stack([flat.sum(), (flat * weights).sum()])
+    high, low = local.clone(), -local.clone()
+    dist.all_reduce(high, op=dist.ReduceOp.MAX, group=ctx.control_group)
+    dist.all_reduce(low, op=dist.ReduceOp.MAX, group=ctx.control_group)
+    if not torch.equal(high, -low):
+        raise DyndepthError(f"the ranks' copies of {what} diverged (checksums {high.tolist()} vs {(-low).tolist()})")
+
+
 def run_on_main(fn: Callable[[], T]) -> T:
     """``fn()`` on rank 0 only (e.g. preparing the run directory); the other ranks wait and get
     its result, and a ``DyndepthError`` there is raised on every rank (marked, so that only rank 0

@@ -291,6 +291,7 @@ def train(
                 last_save = time.monotonic()
     finally:
         uncompile()
+    distributed.check_same_on_all_ranks(model, "the trained weights")  # one gradient average per step keeps them equal
     return {"history": history, "best_accuracy": best_accuracy, "epochs": cfg.epochs}
 
 
