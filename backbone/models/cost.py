@@ -125,9 +125,12 @@ def measure_backbone_cost(model: SkippableResNet, image_size: int | None = None)
     )
 
 
-def median_times(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int = 2, repeats: int = 5) -> dict[str, float]:
+def median_times(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int = 2, repeats: int = 5,
+                 samples: dict[str, list[float]] | None = None) -> dict[str, float]:
     """Median wall-clock seconds per call of each function, measured interleaved (so drift on a
-    noisy machine hits all alike), after ``warmup`` calls, synchronising CUDA around each call."""
+    noisy machine hits all alike), after ``warmup`` calls, synchronising CUDA around each call.
+    ``samples``: filled with every round's time per function (round r of each is adjacent in
+    time, so ratios of the same round cancel slow drift of the machine's speed)."""
 
     def sync() -> None:
         if device.type == "cuda":
@@ -137,7 +140,8 @@ def median_times(fns: dict[str, Callable[[], object]], device: torch.device, war
         for _ in range(warmup):
             fn()
     sync()
-    samples: dict[str, list[float]] = {name: [] for name in fns}
+    samples = {} if samples is None else samples
+    samples.update({name: [] for name in fns})
     for _ in range(repeats):
         for name, fn in fns.items():
             tic = time.perf_counter()
@@ -145,6 +149,11 @@ def median_times(fns: dict[str, Callable[[], object]], device: torch.device, war
             sync()
             samples[name].append(time.perf_counter() - tic)
     return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def median_ratio(numerator: list[float], denominator: list[float]) -> float:
+    """Median over rounds of ``numerator[r] / denominator[r]`` (samples of :func:`median_times`)."""
+    return statistics.median(a / b for a, b in zip(numerator, denominator))
 
 
 def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float | None:

@@ -136,20 +136,32 @@ def run_block_masked(
         return call(block, x, gate)
     if keep_rows.numel() == 0:
         return block.skip(x)
-    kept = call(block, _take_rows(x, keep_rows), gate)
+    # Without autograd and with more than half the batch kept, the block runs on the two halves
+    # of its rows in turn: its gathered input and intermediates then never exceed half a batch,
+    # so a masked forward needs no more memory than the full one, which holds them for every row
+    # (rows are independent at inference: eval-mode BatchNorm normalises each row on its own).
+    halves = gate is None and not torch.is_grad_enabled() and 2 * keep_rows.numel() > x.shape[0]
+    parts = keep_rows.tensor_split(2) if halves else (keep_rows,)
     if not block.downsamples:
         # Identity shortcut: skipped rows keep their activation, kept rows are overwritten, in a
         # copy unless allowed in place (with autograd the previous layer saved x for its backward).
-        return _put_rows(x if inplace else x.clone(), keep_rows, kept)
-    if getattr(getattr(block, "shortcut", None), "costs_no_flops", False):
-        # A parameter-free shortcut (option A: a strided view and zero channels) on every row is
-        # cheaper than gathering the skipped rows for it; the kept rows are then overwritten.
-        out = block.skip(x).contiguous(memory_format=memory_format_of(x))
-        return _put_rows(out, keep_rows, kept)
-    skipped = block.skip(_take_rows(x, skip_rows))
-    out = torch.empty((x.shape[0],) + tuple(kept.shape[1:]), dtype=kept.dtype, device=kept.device,
-                      memory_format=memory_format_of(x))
-    return _put_rows(_put_rows(out, keep_rows, kept), skip_rows, skipped)
+        out = x if inplace else x.clone()
+        for rows in parts:  # a part reads only its own rows of x, which no other part writes
+            _put_rows(out, rows, call(block, _take_rows(x, rows), gate))
+        return out
+    free_shortcut = getattr(getattr(block, "shortcut", None), "costs_no_flops", False)
+    # A parameter-free shortcut (option A: a strided view and zero channels) on every row is
+    # cheaper than gathering the skipped rows for it; the kept rows are then overwritten.
+    out = block.skip(x).contiguous(memory_format=memory_format_of(x)) if free_shortcut else None
+    for rows in parts:
+        kept = call(block, _take_rows(x, rows), gate)
+        if out is None:
+            out = torch.empty((x.shape[0],) + tuple(kept.shape[1:]), dtype=kept.dtype, device=kept.device,
+                              memory_format=memory_format_of(x))
+        _put_rows(out, rows, kept)
+    if not free_shortcut:
+        _put_rows(out, skip_rows, block.skip(_take_rows(x, skip_rows)))
+    return out
 
 
 # Row gathers and scatters that keep the layout, on a 2-D (rows, features) view of the tensor: on
