@@ -87,3 +87,26 @@ def adaptivity(keep_mask: torch.Tensor, correct: torch.Tensor, groups: torch.Ten
             "histogram": torch.histc(p.float(), bins=10, min=0, max=1).long().tolist(),
         }
     return result
+
+
+#: The adaptivity scalars logged to TensorBoard wherever a policy is evaluated.
+SCALARS = ("distinct_masks", "masks_covering_90pct", "top_mask_share", "blocks_used_std", "hard_minus_easy_blocks")
+
+
+def log_adaptivity(record, prefix: str, result: dict, step: int | None = None) -> None:
+    """Write one evaluation's adaptivity (``result["adaptivity"]``, see :func:`adaptivity`) as
+    TensorBoard scalars and histograms under ``prefix/``: the scalars of :data:`SCALARS`, blocks
+    and accuracy per difficulty group, the per-image blocks used and keep probabilities.
+    ``record(tag, value, step)``: ``SummaryWriter.add_scalar``-like; tensors are histograms."""
+    a = result["adaptivity"]
+    for key in SCALARS:
+        if a.get(key) is not None:
+            record(f"{prefix}/{key}", float(a[key]), step)
+    for name, group in a.get("by_difficulty", {}).items():
+        record(f"{prefix}/blocks_used/{name}", float(group["blocks_used"]), step)
+        record(f"{prefix}/accuracy/{name}", float(group["accuracy"]), step)
+    histogram = torch.tensor(a["blocks_histogram"], dtype=torch.float64)
+    record(f"{prefix}/blocks_used_per_image", torch.repeat_interleave(torch.arange(len(histogram)).double(),
+                                                                      histogram.long()), step)
+    if "keep_prob" in a:
+        record(f"{prefix}/keep_prob_std_across_images", torch.tensor(a["keep_prob"]["std_across_images_per_block"]), step)

@@ -21,6 +21,7 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback
 from tqdm.auto import tqdm
 
+from agents.adaptivity import log_adaptivity
 from agents.evaluation import evaluate_policy_on
 from backbone.training.interrupt import stop_requested
 from backbone.models.weights import write_atomically
@@ -126,6 +127,9 @@ class CheckpointEvalCallback(BaseCallback):
             m = evaluate_policy_on(self.model, self.eval_task, self.cfg.env, extra_flops=self.extra_flops)
             for key in ("accuracy", "blocks_used", "flops_ratio", "reward"):
                 self.logger.record(f"eval/{key}", m[key])
+            # Is it input-adaptive? Distinct masks, spread of blocks, blocks per difficulty group.
+            log_adaptivity(lambda tag, value, _step: self.logger.record(
+                tag, value, exclude=("stdout", "log", "json", "csv") if torch.is_tensor(value) else None), "eval", m)
             self.progress["eval_history"].append({"timesteps": self.num_timesteps, **{k: m[k] for k in ("accuracy", "blocks_used", "flops_ratio", "reward")}})
         return True
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from agents.adaptivity import difficulty_groups
+from agents.adaptivity import difficulty_groups, log_adaptivity
 from agents.evaluation import evaluate_policy_on, pair_latency, policy_flops
 from agents.pair import DynamicModel
 from agents.rl import make_dynamic_model, make_skip_task
@@ -30,7 +30,7 @@ from backbone.data.streaming import in_memory
 from backbone.errors import ConfigError
 from backbone.models.weights import load_model
 from backbone.training.loop import resolve_device
-from experiments.common import cli, load_policy, owning, update_metrics
+from experiments.common import cli, load_policy, owning, tensorboard_writer, update_metrics
 from experiments.config import load_config
 from experiments.finetune import finetune_dir, finetune_section
 from experiments.pretrain import backbone_path
@@ -90,6 +90,12 @@ def _evaluate(run_dir: Path, split: str, tag: str) -> dict:
                   train_time_s=times)
     metrics = update_metrics(run_dir, "evaluation", result)
     write_report(run_dir, metrics, cfg)
+    writer = tensorboard_writer(run_dir, "evaluation")
+    try:  # the final model's adaptivity beside the training curves
+        log_adaptivity(lambda tag, value, step: writer.add_histogram(tag, value, step) if torch.is_tensor(value)
+                       else writer.add_scalar(tag, value, step), f"evaluation_{split}", result, 0)
+    finally:
+        writer.close()
     return result
 
 

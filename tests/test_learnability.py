@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from agents.adaptivity import adaptivity
+from agents.adaptivity import adaptivity, log_adaptivity
 from agents.evaluation import evaluate_policy_on
 from agents.rl import PolicyConfig, make_skip_task, train_policy
 from backbone.baselines import mask_table
@@ -127,3 +127,15 @@ def test_adaptivity_measures_a_static_and_an_adaptive_policy():
     assert mixed["keep_prob"]["undecided_share"] == pytest.approx(5 / 8)
     many = adaptivity(torch.eye(10).bool(), torch.ones(10).bool())
     assert many["distinct_masks"] == 10 and many["masks_covering_90pct"] == 9
+
+
+def test_adaptivity_reaches_tensorboard():
+    logged = {}
+    probs = torch.tensor([[0.95, 0.2], [0.8, 0.05], [0.3, 0.95], [0.4, 0.7]])
+    result = {"adaptivity": adaptivity(probs > 0.5, torch.tensor([1, 1, 0, 1]).bool(), torch.tensor([0, 0, 1, 1]),
+                                       ["easy", "hard"], keep_prob=probs)}
+    log_adaptivity(lambda tag, value, step: logged.__setitem__(tag, value), "eval", result)
+    assert logged["eval/distinct_masks"] == 2 and logged["eval/masks_covering_90pct"] == 2
+    assert logged["eval/blocks_used/easy"] == 1.0 and logged["eval/accuracy/hard"] == 0.5
+    assert logged["eval/blocks_used_per_image"].tolist() == [1.0, 1.0, 1.0, 1.0]  # one block each: a histogram
+    assert len(logged["eval/keep_prob_std_across_images"]) == 2
