@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from agents.adaptivity import log_adaptivity
 from agents.evaluation import evaluate_policy_on
 from backbone.training.interrupt import stop_requested
-from backbone.models.weights import write_atomically
+from backbone.files import write_atomically
 from envs.block_skip import SkipTask
 
 if TYPE_CHECKING:

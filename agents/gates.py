@@ -27,7 +27,8 @@ from backbone.models.cost import count_flops, measure_backbone_cost
 from backbone.data.datasets import ImageDataset
 from backbone.data.streaming import ImageFiles, image_size_of, make_loader
 from backbone.errors import ConfigError
-from backbone.models.resnet import BackboneWrapper, SkippableResNet, check_keep_mask, run_block_masked
+from backbone.models.masked import check_keep_mask, run_block_masked
+from backbone.models.resnet import BackboneWrapper, SkippableResNet
 from backbone.training.loop import TrainConfig, train
 from backbone.models.weights import load_checkpoint, model_from_arch
 

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import torch
 from stable_baselines3.common.distributions import BernoulliDistribution
 
-from backbone.models.resnet import BackboneWrapper, SkippableResNet, run_block_masked
+from backbone.models.masked import run_block_masked
+from backbone.models.resnet import BackboneWrapper, SkippableResNet
 from envs.observations import downsample_images, sequential_observation, stem_features_of
 
 ENVS = ("oneshot", "sequential")

@@ -28,7 +28,8 @@ import torch
 from backbone.models.cost import measure_backbone_cost
 from backbone.data.datasets import DataConfig, ImageDataset, load_splits
 from backbone.errors import ConfigError
-from backbone.models.resnet import SkippableResNet, run_block_masked
+from backbone.models.masked import run_block_masked
+from backbone.models.resnet import SkippableResNet
 from backbone.models.weights import load_model
 from envs.observations import (
     OBSERVATIONS,

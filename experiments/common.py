@@ -20,7 +20,7 @@ from typing import Callable
 from backbone.errors import CheckpointError, ConfigError, DyndepthError, OutputError
 from backbone.training import distributed
 from backbone.training.interrupt import Interrupted, clear_stop, install_signal_handlers
-from backbone.models.weights import remove_stale_temporary_files, write_atomically
+from backbone.files import remove_stale_temporary_files, write_atomically
 from experiments.config import ExperimentConfig, dump_config, load_config, to_dict
 
 

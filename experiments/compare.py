@@ -31,7 +31,7 @@ import time
 
 import torch
 
-from agents.gates import GateConfig, evaluate_gates, load_gated, train_gates
+from agents.gates import evaluate_gates, load_gated, train_gates
 from backbone.baselines import (
     fixed_mask_accuracy,
     masked_accuracy,

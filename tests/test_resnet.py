@@ -159,7 +159,7 @@ def test_shared_mask_runs_as_a_plain_shorter_network(monkeypatch):
 
 @pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
 def test_masked_blocks_keep_the_memory_format(layout):
-    from backbone.models.resnet import memory_format_of, run_block_masked
+    from backbone.models.masked import memory_format_of, run_block_masked
 
     model = _random_bn(build_resnet(14, width=4)).to(memory_format=layout).eval()
     x = model.stem(torch.rand(4, 3, 32, 32))
@@ -183,7 +183,7 @@ def test_channels_last_and_nchw_models_agree():
 
 
 def test_inference_writes_in_place_but_never_into_the_callers_tensor():
-    from backbone.models.resnet import run_block_masked
+    from backbone.models.masked import run_block_masked
 
     model = _random_bn(build_resnet(14, width=4)).eval()
     x = torch.rand(6, 3, 32, 32)

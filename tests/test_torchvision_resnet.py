@@ -13,7 +13,8 @@ import torchvision
 
 from backbone.errors import CheckpointError, ConfigError
 from backbone.models.cost import count_flops, measure_backbone_cost
-from backbone.models.resnet import CifarResNet, memory_format_of
+from backbone.models.masked import memory_format_of
+from backbone.models.resnet import CifarResNet
 from backbone.models.torchvision_resnet import (TorchvisionResNet, build_backbone, build_torchvision_resnet,
                                                 weights_cache_path)
 from backbone.models.weights import infer_arch, load_model, load_weights, save_checkpoint
@@ -295,7 +296,7 @@ def test_our_checkpoint_round_trips(tmp_path):
 
 
 def test_skipping_benchmark_runs_the_family_at_its_own_size():
-    from experiments.benchmark import bench_skipping
+    from experiments.bench_skipping import bench_skipping
 
     records = bench_skipping("tv_resnet18", 2, [0.5], ["random"], torch.device("cpu"), warmup=0, repeats=1, image_size=32)
     assert len(records) == 1 and records[0]["image_size"] == 32 and records[0]["flops_ratio"] > 1

@@ -224,7 +224,7 @@ def test_nan_loss_stops_and_keeps_checkpoint(tiny_data, tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- GPU paths, checked on the CPU
 def test_compile_with_stochastic_depth_compiles_the_blocks_that_run(tiny_data, monkeypatch):
-    from backbone.models.resnet import call_block
+    from backbone.models.masked import call_block
 
     compiled = []
 

@@ -16,7 +16,8 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from backbone.models.resnet import SkippableResNet, check_keep_mask
+from backbone.models.masked import check_keep_mask
+from backbone.models.resnet import SkippableResNet
 from backbone.cpu_allocator import releasing_memory
 
 

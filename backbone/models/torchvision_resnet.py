@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 from backbone.errors import CheckpointError, ConfigError
 from backbone.models.fused import conv_bn
-from backbone.models.resnet import SkippableResNet, _normalization, build_resnet, memory_format_of
+from backbone.models.masked import memory_format_of
+from backbone.models.resnet import SkippableResNet, _normalization, build_resnet
 
 
 class TorchvisionBlock(nn.Module):

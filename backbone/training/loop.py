@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 from backbone.data.datasets import ImageDataset
 from backbone.data.streaming import ImageFiles, make_loader
 from backbone.errors import ConfigError, DyndepthError
-from backbone.models.resnet import CifarResNet, call_block
+from backbone.models.masked import call_block
+from backbone.models.resnet import CifarResNet
 from backbone.models.weights import load_checkpoint, save_checkpoint
 from backbone.training import distributed
 from backbone.training.distributed import DistContext
