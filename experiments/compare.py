@@ -240,7 +240,7 @@ def static_networks(cfg, backbone, cost, splits, device, resume) -> list[dict]:
         out = cfg.run_dir / "baselines" / f"{name}.pt"
         if name in trained:
             model, train_time = trained[name]
-        elif resume and out.exists():
+        elif out.exists() and (resume or cfg.study.share_backbone):  # resumed, or the first seed's (run.share_backbone)
             model, train_time = load_model(out).to(device), load_checkpoint(out)["train_time_s"]
         else:
             torch.manual_seed(cfg.seed)

@@ -82,7 +82,8 @@ class StudyConfig:
     jointly), the RL curve. ``static_epochs``: training epochs of the static networks (from
     scratch, the pretraining recipe without stochastic depth); null = ``pretrain.epochs``, and
     must be set when the backbone is imported (``pretrain.epochs: 0``). ``share_backbone``: with
-    several seeds, every seed reuses the first seed's backbone (the report says so).
+    several seeds, every seed reuses the first seed's backbone and its from-scratch static
+    networks (neither depends on what the seeds vary; the report says so)
     """
 
     baselines: bool = True  # gates, static ResNets, random dropping, fixed subsets at the budgets

@@ -71,13 +71,18 @@ def run_one(cfg: ExperimentConfig, splits: Splits, resume: bool, overwrite: bool
 
 
 def share_backbone(source: Path, run_dir: Path) -> None:
-    """Copy ``source``'s backbone and pretrain metrics into ``run_dir`` (``study.share_backbone``)."""
+    """Copy ``source``'s backbone and pretrain metrics into ``run_dir`` (``study.share_backbone``),
+    and the static networks it trained from scratch, if any: like the backbone they depend on
+    nothing a seed varies (policies, fine-tuning), and they are the study's longest training."""
     import json
     import shutil
 
     shutil.copy2(backbone_path(source), backbone_path(run_dir))
     for ladder in source.glob("ladder*.json"):  # a function of the backbone and the held-out images only
         shutil.copy2(ladder, run_dir / ladder.name)
+    for static in source.glob("baselines/static_*.pt"):
+        (run_dir / "baselines").mkdir(parents=True, exist_ok=True)
+        shutil.copy2(static, run_dir / "baselines" / static.name)
     pretrain = json.loads((source / "metrics.json").read_text())["pretrain"]
     update_metrics(run_dir, "pretrain", {**pretrain, "shared_from": str(source)})
 
@@ -108,7 +113,8 @@ def summarize_seeds(cfg: ExperimentConfig, run_dirs: list[Path]) -> Path:
     shared = cfg.study.share_backbone
     write_json(out / "summary.json", {"seeds": cfg.study.seeds, "shared_backbone": shared, "budgets": rows})
     lines = [f"# {cfg.name}: mean ± std over seeds {cfg.study.seeds}", "",
-             ("All seeds share the first seed's backbone; policies, fine-tuning and baselines are per seed."
+             ("All seeds share the first seed's backbone and from-scratch static networks; policies, fine-tuning "
+              "and the other baselines are per seed."
               if shared else "Every seed trains its own backbone."), ""]
     for row in rows:
         lines += [f"## At {100 * row['budget']:.0f}% of the full network's FLOPs (winner: {row['winner']})", "",

@@ -98,3 +98,22 @@ def test_headline_names_the_winner_and_seeds_give_mean_and_std():
     summary = seed_summary([rows, other])
     assert summary[0]["methods"]["a"]["mean"] == pytest.approx(0.7) and summary[0]["winner"] == "b"
     assert summary[0]["methods"]["b"]["std"] == pytest.approx(0.0566, abs=1e-4)
+
+
+def test_shared_backbone_brings_its_static_networks(tmp_path):
+    """study.share_backbone: a later seed gets the first seed's backbone, ladder and from-scratch
+    static networks (nothing the seeds vary goes into them), not its fine-tuned baselines."""
+    import json
+
+    from experiments.run import share_backbone
+
+    source, target = tmp_path / "seed0", tmp_path / "seed1"
+    (source / "baselines").mkdir(parents=True)
+    target.mkdir()
+    for name in ("backbone.pt", "ladder.json", "baselines/static_d8_w4.pt", "baselines/subset_k2.pt"):
+        (source / name).write_text(name)
+    (source / "metrics.json").write_text(json.dumps({"pretrain": {"test_accuracy": 0.5}}))
+    share_backbone(source, target)
+    assert (target / "baselines" / "static_d8_w4.pt").read_text() == "baselines/static_d8_w4.pt"
+    assert not (target / "baselines" / "subset_k2.pt").exists()  # fine-tuned per seed
+    assert json.loads((target / "metrics.json").read_text())["pretrain"]["shared_from"] == str(source)
