@@ -137,9 +137,25 @@ def policy_bound(cfg, backbone, splits, train, f_train: dict, f_test: dict, grou
     oracle = oracle_curve(c_test.t(), flops, full)
     curves["oracle (per image)"] = [point(f, a) for f, a in zip(oracle["flops_ratio"], oracle["accuracy"])]
     budgets = list(cfg.study.budgets)
+    lams = sorted({float(cfg.policy.reward.lam), *map(float, cfg.study.lambdas or [])})
     return {"budgets": budgets, "ladder": [mask_string(m) for m in masks],
             "at_budgets": {name: [accuracy_at(pts, b) for b in budgets] for name, pts in curves.items()},
-            "curves": curves}
+            "curves": curves, "reward_optimum": [reward_optimum(c_test, masks, g_test, lam) for lam in lams]}
+
+
+def reward_optimum(correct: torch.Tensor, ladder: torch.Tensor, groups: torch.Tensor, lam: float) -> dict:
+    """Blocks per difficulty group of the best possible ladder policy for the linear reward
+    ``correct − λ·blocks``: image n gets the rung maximising it (the cheapest on ties). An image no
+    rung classifies correctly is best served by the cheapest rung, so whether hard images *should*
+    get more blocks depends on how many of them are hopeless."""
+    blocks = ladder.sum(1).to(torch.float64)
+    choice = (correct.to(torch.float64) - lam * blocks).argmax(1)  # first maximum: rungs run cheapest first
+    used, right = blocks[choice], correct[torch.arange(len(choice)), choice].float()
+    by_group = [{"blocks_used": used[groups == g].mean().item(), "accuracy": right[groups == g].mean().item(),
+                 "hopeless": (~correct[groups == g].any(1)).float().mean().item()}
+                for g in range(int(groups.max()) + 1)]
+    return {"lam": lam, "accuracy": right.mean().item(), "blocks_used": used.mean().item(), "by_group": by_group,
+            "hard_minus_easy_blocks": by_group[-1]["blocks_used"] - by_group[0]["blocks_used"]}
 
 
 def probe_run(run_dir: Path) -> dict:
@@ -179,6 +195,12 @@ def main() -> None:
         print("  " + " " * 44 + "".join(f"{100 * b:>8.0f}%" for b in bound["budgets"]))
         for name, values in bound["at_budgets"].items():
             print(f"  {name:<44}" + "".join("        -" if v is None else f"{100 * v:>8.2f}%" for v in values))
+        print("\nthe reward's own optimum per image (linear reward, best rung per test image): blocks per group, "
+              "easiest → hardest (share of images no rung gets right)")
+        for opt in bound["reward_optimum"]:
+            groups = " → ".join(f"{g['blocks_used']:.2f} ({100 * g['hopeless']:.0f}%)" for g in opt["by_group"])
+            print(f"  λ {opt['lam']:<6} top-1 {100 * opt['accuracy']:.2f}%, {opt['blocks_used']:.2f} blocks: {groups}; "
+                  f"hardest − easiest {opt['hard_minus_easy_blocks']:+.2f}")
 
     cli(run, parser)
 

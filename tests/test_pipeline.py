@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from experiments.evaluate import evaluate_run
 
@@ -184,8 +185,27 @@ def test_difficulty_probe_cli(study):
         reached = {name: values[i] for name, values in at.items() if values[i] is not None}
         # No policy choosing among the ladder's masks beats the per-image oracle among them.
         assert all(v <= reached["oracle (per image)"] + 1e-9 for v in reached.values()), reached
+    optimum = bound["reward_optimum"]
+    assert [o["lam"] for o in optimum] == sorted(o["lam"] for o in optimum) and len(optimum[0]["by_group"]) == 4
     bad = run("--run", "nowhere", cwd=work, module="experiments.probe")
     assert bad.returncode == 2 and "not a run directory" in bad.stderr
+
+
+def test_reward_optimum_gives_hopeless_images_the_cheapest_rung():
+    from experiments.probe import reward_optimum
+    ladder = torch.tensor([[0, 0, 0], [1, 0, 0], [1, 1, 0], [1, 1, 1]])
+    correct = torch.tensor([[True, True, True, True],     # easy: right with nothing
+                            [False, False, True, True],   # needs two blocks
+                            [False, False, False, True],  # needs all three
+                            [False, False, False, False]])  # hopeless
+    groups = torch.tensor([0, 1, 1, 2])
+    low = reward_optimum(correct, ladder, groups, lam=0.1)
+    assert [g["blocks_used"] for g in low["by_group"]] == [0.0, 2.5, 0.0]
+    assert low["accuracy"] == 0.75 and low["by_group"][2]["hopeless"] == 1.0
+    # Above 1/3 per block the three-block image is no longer worth its blocks.
+    high = reward_optimum(correct, ladder, groups, lam=0.4)
+    assert [g["blocks_used"] for g in high["by_group"]] == [0.0, 1.0, 0.0] and high["accuracy"] == 0.5
+    assert high["hard_minus_easy_blocks"] == 0.0
 
 
 def test_study_on_an_imported_backbone_trains_every_baseline(study, tmp_path):
