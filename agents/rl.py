@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from stable_baselines3 import A2C, PPO
 from stable_baselines3.common.base_class import BaseAlgorithm
-from stable_baselines3.common.logger import configure
+from stable_baselines3.common.logger import Logger, configure
 from stable_baselines3.common.vec_env import VecMonitor
 
 from agents.callbacks import (
@@ -187,8 +187,8 @@ def train_policy(
             progress = json.loads((out_dir / "progress.json").read_text())
     else:
         model = build_model(cfg, env, seed, device=task.device)
-    if tb_dir is not None:
-        model.set_logger(configure(str(tb_dir), ["tensorboard"]))
+    # Without a TensorBoard folder SB3 would make an empty log folder under /tmp on every run.
+    model.set_logger(configure(str(tb_dir), ["tensorboard"]) if tb_dir is not None else Logger(None, []))
     extra_flops = policy_flops(model, task, cfg.env)
     if resume and last.exists():  # after policy_flops: nothing may draw from the restored RNGs
         restored = restore_training_state(out_dir, model)

@@ -1,6 +1,7 @@
 """Policy training with SB3 on the batched environments."""
 
 import json
+import tempfile
 
 import numpy as np
 import pytest
@@ -78,9 +79,13 @@ def test_ppo_learns_to_drop_useless_blocks(tmp_path):
 
 
 @pytest.mark.parametrize("algo,env", [("ppo", "oneshot"), ("a2c", "oneshot"), ("ppo", "sequential")])
-def test_training_runs_and_saved_policy_acts_the_same(tmp_path, algo, env):
+def test_training_runs_and_saved_policy_acts_the_same(tmp_path, monkeypatch, algo, env):
     task = toy_task(n=64)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     model, progress = train_policy(small_cfg(algo=algo, env=env, timesteps=512), task, tmp_path, seed=1)
+    assert list(scratch.iterdir()) == []  # no SB3 log folder left in the temporary directory
     assert progress["policy_flops"] > 0
     loaded = type(model).load(tmp_path / "last.zip", device="cpu")
     before, after = evaluate_policy_on(model, task, env), evaluate_policy_on(loaded, task, env)
