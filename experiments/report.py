@@ -207,8 +207,8 @@ def markdown(metrics: dict, cfg) -> str:
              + (", imported" if cfg.model.init_checkpoint else "") + f"), policy {p.algo} on the {p.env} env observing "
              f"{observation}, reward {p.reward.kind} (signal {p.reward.signal}, baseline {p.reward.baseline}) with "
              f"λ = {p.reward.lam}, seed {cfg.seed}, device {pre.get('device', '?')}."
-             + (f" Backbone (and its from-scratch static networks) shared from {pre['shared_from']}."
-                if pre.get("shared_from") else ""), ""]
+             + (f" Backbone{' (and its from-scratch static networks)' if pre.get('shared_statics') else ''} "
+                f"shared from {pre['shared_from']}." if pre.get("shared_from") else ""), ""]
     if "compare" in metrics:
         lines += _comparison(metrics["compare"])
     lines += _adaptivity(metrics)

@@ -80,11 +80,12 @@ def share_backbone(source: Path, run_dir: Path) -> None:
     shutil.copy2(backbone_path(source), backbone_path(run_dir))
     for ladder in source.glob("ladder*.json"):  # a function of the backbone and the held-out images only
         shutil.copy2(ladder, run_dir / ladder.name)
-    for static in source.glob("baselines/static_*.pt"):
+    statics = sorted(source.glob("baselines/static_*.pt"))  # none yet where seeds run side by side (a sweep)
+    for static in statics:
         (run_dir / "baselines").mkdir(parents=True, exist_ok=True)
         shutil.copy2(static, run_dir / "baselines" / static.name)
     pretrain = json.loads((source / "metrics.json").read_text())["pretrain"]
-    update_metrics(run_dir, "pretrain", {**pretrain, "shared_from": str(source)})
+    update_metrics(run_dir, "pretrain", {**pretrain, "shared_from": str(source), "shared_statics": [s.stem for s in statics]})
 
 
 def log_sweep_hparams(run_dir: Path) -> None:
@@ -111,10 +112,13 @@ def summarize_seeds(cfg: ExperimentConfig, run_dirs: list[Path]) -> Path:
     rows = seed_summary(headlines)
     out = Path(cfg.output_dir) / cfg.name
     shared = cfg.study.share_backbone
-    write_json(out / "summary.json", {"seeds": cfg.study.seeds, "shared_backbone": shared, "budgets": rows})
+    pretrains = [json.loads((d / "metrics.json").read_text()).get("pretrain", {}) for d in run_dirs[1:]]
+    shared_statics = bool(shared and all(p.get("shared_statics") for p in pretrains))
+    write_json(out / "summary.json", {"seeds": cfg.study.seeds, "shared_backbone": shared,
+                                      "shared_static_networks": shared_statics, "budgets": rows})
+    what = "backbone and from-scratch static networks" if shared_statics else "backbone"
     lines = [f"# {cfg.name}: mean ± std over seeds {cfg.study.seeds}", "",
-             ("All seeds share the first seed's backbone and from-scratch static networks; policies, fine-tuning "
-              "and the other baselines are per seed."
+             (f"All seeds share the first seed's {what}; policies, fine-tuning and the other baselines are per seed."
               if shared else "Every seed trains its own backbone."), ""]
     for row in rows:
         lines += [f"## At {100 * row['budget']:.0f}% of the full network's FLOPs (winner: {row['winner']})", "",

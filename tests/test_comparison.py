@@ -116,4 +116,26 @@ def test_shared_backbone_brings_its_static_networks(tmp_path):
     share_backbone(source, target)
     assert (target / "baselines" / "static_d8_w4.pt").read_text() == "baselines/static_d8_w4.pt"
     assert not (target / "baselines" / "subset_k2.pt").exists()  # fine-tuned per seed
-    assert json.loads((target / "metrics.json").read_text())["pretrain"]["shared_from"] == str(source)
+    pretrain = json.loads((target / "metrics.json").read_text())["pretrain"]
+    assert pretrain["shared_from"] == str(source) and pretrain["shared_statics"] == ["static_d8_w4"]
+
+
+def test_seed_summary_says_what_the_seeds_shared(tmp_path):
+    """Seeds run side by side (a sweep) get the backbone before the first seed trained its static
+    networks: the summary must not claim those were shared too."""
+    import json
+
+    from experiments.config import ExperimentConfig
+    from experiments.run import summarize_seeds
+
+    rows = headline({"a": [point(0.5, 0.7)]}, [0.5])
+    cfg = ExperimentConfig(name="s", output_dir=str(tmp_path))
+    cfg.study.seeds, cfg.study.share_backbone = [0, 1], True
+    for statics in (["static_d8_w4"], []):
+        dirs = [tmp_path / "s" / f"seed{i}" for i in (0, 1)]
+        for d in dirs:
+            d.mkdir(parents=True, exist_ok=True)
+            (d / "metrics.json").write_text(json.dumps({"pretrain": {"shared_statics": statics}, "compare": {"headline": rows}}))
+        text = summarize_seeds(cfg, dirs).read_text()
+        assert ("backbone and from-scratch static networks;" in text) == bool(statics), text
+        assert json.loads((tmp_path / "s" / "summary.json").read_text())["shared_static_networks"] == bool(statics)
