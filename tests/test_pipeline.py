@@ -1,6 +1,7 @@
 """The whole study as a user runs it: experiments.run, then evaluate, on a tiny budget."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -189,6 +190,20 @@ def test_difficulty_probe_cli(study):
     assert [o["lam"] for o in optimum] == sorted(o["lam"] for o in optimum) and len(optimum[0]["by_group"]) == 4
     bad = run("--run", "nowhere", cwd=work, module="experiments.probe")
     assert bad.returncode == 2 and "not a run directory" in bad.stderr
+
+
+def test_pair_benchmark_splits_the_pairs_time(study):
+    work, _ = study
+    result = run("--bench", "pair", "--run", "runs/tiny", "--repeats", "1", "--json", "pair.json", cwd=work,
+                 module="experiments.benchmark")
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads((work / "pair.json").read_text())["records"]
+    assert [r["batch"] for r in rows] == [1, 256]
+    for r in rows:
+        assert 0 < r["kept_time_share"] <= 1 and r["masked_backbone_ms"] > 0
+        assert r["runner_efficiency"] > 0 and math.isfinite(r["policy_ms"])  # timings: no bounds under load
+        assert r["cost_model_efficiency"] == pytest.approx(1 / r["kept_time_share"] / r["flops_ratio"])
+    assert "where it goes: masked backbone alone" in result.stdout
 
 
 def test_reward_optimum_gives_hopeless_images_the_cheapest_rung():
