@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torchvision.io import encode_jpeg, write_png
 
 from backbone.data import datasets as data
+from backbone.data import imagefolder
 from backbone.data.batching import BatchLoader, augment_batch
 from backbone.data.datasets import (
     ImageDataset,
@@ -189,7 +190,7 @@ def test_imagefolder_loads_and_uses_the_cache(tmp_path, monkeypatch):
     def no_decoding(path):
         raise AssertionError(f"decoded {path} although it is cached")
 
-    monkeypatch.setattr(data, "_decode", no_decoding)
+    monkeypatch.setattr(imagefolder, "decode_image_file", no_decoding)
     again = load_dataset("imagefolder", root=tmp_path / "tree", train=True, cache_dir=cache, progress=False)
     assert torch.equal(again.images, train.images) and torch.equal(again.labels, train.labels)
     assert again.classes == train.classes

@@ -11,7 +11,8 @@ import torchvision.transforms.v2 as T
 from torchvision.io import encode_jpeg, encode_png
 
 from backbone.data.batching import BatchLoader
-from backbone.data.datasets import DataConfig, _decode, load_splits, make_synthetic
+from backbone.data.datasets import DataConfig, load_splits, make_synthetic
+from backbone.data.imagefolder import decode_image_file
 from backbone.data.streaming import (BatchSource, ImageFiles, StreamingLoader, make_loader, random_resized_crop_box,
                                      scan_imagefolder)
 from backbone.errors import ConfigError, DatasetError
@@ -81,7 +82,7 @@ def test_eval_batches_are_resized_centre_crops_in_order(tree):
     assert torch.equal(labels, files.labels)
     reference = T.Compose([T.Resize(round(32 / 0.875), antialias=True), T.CenterCrop(32)])
     for i in range(6):
-        assert torch.equal(images[i], reference(_decode(files.path(i)).expand(3, -1, -1)))
+        assert torch.equal(images[i], reference(decode_image_file(files.path(i)).expand(3, -1, -1)))
     assert len(StreamingLoader(files, 4, drop_last=True, num_workers=0)) == 1
 
 

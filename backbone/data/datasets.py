@@ -2,19 +2,16 @@
 
 Sources: a built-in synthetic shape dataset (offline, with a known difficulty per image),
 CIFAR-10/100 (the standard python-pickle folders) and ImageFolder trees of JPEG/PNG files
-(decoded once, then cached). Every loader returns an :class:`ImageDataset`. Images stay uint8
+(decoded once, then cached: ``backbone.data.imagefolder``). Every loader returns an :class:`ImageDataset`. Images stay uint8
 (the model normalises its own input), so a whole CIFAR split fits on the device and batches are
 cut and augmented there, without a CPU data pipeline.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import pickle
-import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -23,6 +20,7 @@ import numpy as np
 import torch
 
 from backbone.errors import ConfigError, DatasetError
+from backbone.data.imagefolder import IMAGE_EXTENSIONS, default_cache_dir, load_imagefolder  # noqa: F401 (re-exported)
 from backbone.data.synthetic import SHAPES, render_synthetic
 
 log = logging.getLogger(__name__)
@@ -31,7 +29,6 @@ DATASETS = ("synthetic", "cifar10", "cifar100", "imagefolder", "streamed_imagefo
 #: Streamed from disk by ``backbone.data.streaming`` (ImageNet-sized ImageFolder trees), not held in memory.
 STREAMED_DATASETS = ("streamed_imagefolder",)
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 #: Synthetic split sizes used when ``load_dataset(..., synthetic_size=None)``.
 SYNTHETIC_SIZES = {"train": 10_000, "test": 2_000}
 
@@ -161,110 +158,6 @@ def load_cifar(name: str, root: str | os.PathLike, train: bool, download: bool =
     if len(labels_t) and not 0 <= labels_t.min() <= labels_t.max() < len(classes):
         raise DatasetError(f"{directory / meta_file}: {names_key!r} lists {len(classes)} classes, too few for the labels")
     return ImageDataset(torch.cat(images), labels_t, classes, None, name)
-
-
-# ----------------------------------------------------------------------------- ImageFolder trees
-def default_cache_dir() -> Path:
-    """``$DYNDEPTH_CACHE`` if set, else ``~/.cache/dyndepth``."""
-    return Path(os.environ.get("DYNDEPTH_CACHE") or Path.home() / ".cache" / "dyndepth")
-
-
-def _decode(path: Path) -> torch.Tensor:
-    from torchvision.io import ImageReadMode, decode_image
-
-    return decode_image(torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8), mode=ImageReadMode.RGB)
-
-
-def load_imagefolder(
-    root: str | os.PathLike, train: bool, cache_dir: str | os.PathLike | None = None, progress: bool = True
-) -> ImageDataset:
-    """Images from ``<root>/{train,test}/<class>/*.jpg|jpeg|png`` (torchvision's ImageFolder layout).
-
-    The classes are the sub-folders of ``<root>/train`` in alphabetical order, for both splits;
-    other files are ignored; all images must have one size. The decoded split is cached in
-    ``cache_dir`` (default :func:`default_cache_dir`) under a hash of the folder's absolute path,
-    the split and every file's (path, size, mtime), so a changed tree is decoded afresh.
-    ``progress``: show a progress bar while decoding.
-    """
-    root, split = Path(root).expanduser().resolve(), ("train" if train else "test")
-    split_dir = root / split
-    if not (root / "train").is_dir() or not split_dir.is_dir():
-        raise DatasetError(f"image folder not found: expected {root}/train/<class>/*.jpg and {root}/test/<class>/*.jpg")
-    classes = sorted(e.name for e in os.scandir(root / "train") if e.is_dir())
-    unknown = sorted({e.name for e in os.scandir(split_dir) if e.is_dir()} - set(classes))
-    if unknown:
-        raise DatasetError(f"{split_dir}: class folders {unknown} are missing from {root / 'train'}")
-    files = []  # (path relative to split_dir, label, stat), by class then file name
-    for label, cls in enumerate(classes):
-        if (split_dir / cls).is_dir():
-            for entry in sorted(os.scandir(split_dir / cls), key=lambda e: e.name):
-                if entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS):
-                    files.append((f"{cls}/{entry.name}", label, entry.stat()))
-    if not files:
-        raise DatasetError(f"no .jpg/.jpeg/.png images found in {split_dir}/<class>/")
-
-    key = hashlib.sha256(f"imagefolder-v1\0{root}\0{split}".encode())
-    for rel, _, st in files:
-        key.update(f"\0{rel}\0{st.st_size}\0{st.st_mtime_ns}".encode())
-    cache_file = Path(cache_dir or default_cache_dir()) / f"imagefolder-{root.name}-{split}-{key.hexdigest()[:20]}.pt"
-    labels = torch.tensor([label for _, label, _ in files], dtype=torch.long)
-    images = _load_cache(cache_file, labels, classes)
-    if images is None:
-        images = _decode_all(split_dir, [rel for rel, _, _ in files], progress)
-        _save_cache(cache_file, {"images": images, "labels": labels, "classes": classes})
-    return ImageDataset(images, labels, classes, None, root.name)
-
-
-def _decode_all(split_dir: Path, files: list[str], progress: bool) -> torch.Tensor:
-    from tqdm import tqdm
-
-    images = None
-    with warnings.catch_warnings():  # torchvision >= 0.29 warns on every decode call
-        warnings.filterwarnings("ignore", "The image decoding and encoding capabilities", DeprecationWarning)
-        for i, rel in enumerate(tqdm(files, desc=f"decoding {split_dir}", disable=not progress, unit="img")):
-            try:
-                img = _decode(split_dir / rel)
-            except (RuntimeError, OSError, ValueError) as exc:  # ValueError: empty file
-                raise DatasetError(f"cannot decode image {split_dir / rel}: {exc}") from exc
-            if images is None:  # the first image fixes the size of all
-                images = torch.empty((len(files),) + tuple(img.shape), dtype=torch.uint8)
-            elif img.shape != images.shape[1:]:
-                raise DatasetError(f"{split_dir / rel} is {tuple(img.shape[1:])} pixels but {split_dir / files[0]} "
-                                   f"is {tuple(images.shape[2:])}: all images must have one size")
-            images[i] = img
-    return images
-
-
-def _load_cache(path: Path, labels: torch.Tensor, classes: list[str]) -> torch.Tensor | None:
-    """The cached images, or None if the cache is missing, unreadable or does not fit."""
-    if not path.is_file():
-        return None
-    try:
-        content = torch.load(path, weights_only=True)
-        images = content["images"]
-        if content["classes"] == classes and torch.equal(content["labels"], labels) \
-                and images.dtype == torch.uint8 and images.dim() == 4 and len(images) == len(labels):
-            return images
-        log.warning("ignoring cache %s: it does not match the image folder", path)
-    except Exception as exc:  # a cache is disposable: any problem just means decoding again
-        log.warning("ignoring unreadable cache %s: %s", path, exc)
-    return None
-
-
-def _save_cache(path: Path, content: dict) -> None:
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Write a temporary file and rename it: a crash or a concurrent run never leaves a
-        # half-written file under the final name.
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            torch.save(content, f)
-        os.replace(tmp, path)
-    except OSError as exc:  # without a cache the next run is slower, not wrong
-        log.warning("could not write cache %s: %s", path, exc)
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 # ----------------------------------------------------------------------------- entry point, split

@@ -39,7 +39,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from backbone.data.batching import BatchLoader, _generator
-from backbone.data.datasets import IMAGE_EXTENSIONS, ImageDataset, _decode, stratified_subset
+from backbone.data.datasets import ImageDataset, stratified_subset
+from backbone.data.imagefolder import decode_image_file, list_images
 from backbone.errors import DatasetError
 
 #: The usual ratio of crop to resize in evaluation (224 / 256).
@@ -114,19 +115,8 @@ def scan_imagefolder(root: str | os.PathLike, train: bool, image_size: int = 224
     if not (root / "train").is_dir() or not split_dir.is_dir():
         raise DatasetError(f"image folder not found: expected {root}/train/<class>/*.JPEG and "
                            f"{root}/val/<class>/*.JPEG (ImageNet's val images sorted into class folders)")
-    classes = sorted(e.name for e in os.scandir(root / "train") if e.is_dir())
-    unknown = sorted({e.name for e in os.scandir(split_dir) if e.is_dir()} - set(classes))
-    if unknown:
-        raise DatasetError(f"{split_dir}: class folders {unknown[:5]} are missing from {root / 'train'}")
-    files, labels = [], []
-    for label, cls in enumerate(classes):
-        if (split_dir / cls).is_dir():
-            names = sorted(e.name for e in os.scandir(split_dir / cls)
-                           if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
-            files += [f"{cls}/{name}" for name in names]
-            labels += [label] * len(names)
-    if not files:
-        raise DatasetError(f"no .jpg/.jpeg/.png images found in {split_dir}/<class>/")
+    classes, listed = list_images(root, split_dir)
+    files, labels = [rel for rel, _, _ in listed], [label for _, label, _ in listed]
     return ImageFiles(split_dir, np.array(files, dtype=np.bytes_), torch.tensor(labels, dtype=torch.long), classes,
                       root.name, image_size=image_size, num_workers=num_workers)
 
@@ -179,7 +169,7 @@ class StreamedImages(Dataset):
         try:
             with warnings.catch_warnings():  # torchvision >= 0.29 warns on every decode call
                 warnings.filterwarnings("ignore", "The image decoding and encoding capabilities", DeprecationWarning)
-                image = _decode(path)
+                image = decode_image_file(path)
         except (RuntimeError, OSError, ValueError) as exc:  # ValueError: empty file
             raise DatasetError(f"cannot decode image {path}: {exc}") from exc
         size = [self.image_size, self.image_size]
