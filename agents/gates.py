@@ -240,7 +240,7 @@ def evaluate_gates(gated: GatedResNet, dataset: ImageDataset | ImageFiles, batch
     gated.eval()
     correct, keep = [], []
     for images, labels in make_loader(dataset, batch_size, shuffle=False, device=device).epoch_batches(0):
-        # bf16 on CUDA, as backbone.training.loop.evaluate does, so decisions match the val accuracy logged in training.
+        # bf16 on CUDA, as backbone.training.evaluation.evaluate does, so decisions match the val accuracy logged in training.
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
             logits = gated(images)
         correct.append((logits.argmax(1) == labels).cpu())
