@@ -9,7 +9,7 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 
 from agents.adaptivity import adaptivity, difficulty_groups
 from agents.pair import DynamicModel, greedy_decisions
-from backbone.models.cost import count_flops, measure_backbone_cost, median_times
+from backbone.models.cost import count_flops, measure_backbone_cost, median_times, time_per_block, time_share
 from envs.block_skip import SkipTask
 
 
@@ -88,13 +88,21 @@ def evaluate_policy_on(
 
 
 def pair_latency(pair: DynamicModel, dataset, batch: int, stream: int, repeats: int, device, policy_flops: float = 0.0,
-                 warmup: int = 2) -> list[dict]:
+                 warmup: int = 2, breakdown: bool = False) -> list[dict]:
     """Wall-clock of the full backbone and of the dynamic model (policy + masked backbone, the
     stem run once), float32, on the same images: a stream of ``stream`` different images one at
     a time (batch 1: each image gets its own mask, as deployed) and one batch of ``batch``.
 
     Each row also holds the FLOPs ratio (full ÷ dynamic, policy included) of exactly those
     images, and ``efficiency`` = time ratio ÷ FLOPs ratio (1.0: every saved FLOP saved time).
+
+    ``breakdown``: also where the pair's time goes. The masked backbone alone on the policy's
+    masks is timed interleaved with the other two (``policy_ms``: the pair minus it, within one
+    measurement); ``kept_time_share`` is the share of the full forward's time those masks keep by
+    per-block times, the time of a runner that skips at no cost. FLOPs undercount blocks that are
+    slow per FLOP: ``cost_model_efficiency`` (that share against the FLOPs ratio) is this part of
+    the gap, ``runner_efficiency`` the runner's; efficiency ≈ their product × the masked
+    backbone's share of the pair's time.
     """
     backbone, rows = pair.backbone, []
     cost = measure_backbone_cost(backbone, dataset.images.shape[-1])
@@ -103,15 +111,26 @@ def pair_latency(pair: DynamicModel, dataset, batch: int, stream: int, repeats: 
         images = dataset.images[:count].to(device)
         chunks = images.split(size)
         with torch.inference_mode():
-            masks = torch.cat([pair.decide(x) for x in chunks]).cpu()
-            times = median_times({"full": lambda: [backbone(x) for x in chunks], "dynamic": lambda: [pair(x) for x in chunks]},
-                                 device, warmup=warmup, repeats=repeats)
+            chunk_masks = [pair.decide(x) for x in chunks]
+            fns = {"full": lambda: [backbone(x) for x in chunks], "dynamic": lambda: [pair(x) for x in chunks]}
+            if breakdown:
+                fns["masked"] = lambda: [backbone(x, m) for x, m in zip(chunks, chunk_masks)]
+            times = median_times(fns, device, warmup=warmup, repeats=repeats)
+            block_ms, fixed_ms = time_per_block(backbone, chunks[0], device, repeats) if breakdown else (None, None)
+        masks = torch.cat(chunk_masks).cpu()
         flops_ratio = cost.full_flops / (cost.mask_flops(masks).mean().item() + policy_flops)
         time_ratio = times["full"] / times["dynamic"]
-        rows.append({"batch": size, "images": count, "full_ms": times["full"] * 1e3 / len(chunks),
-                     "dynamic_ms": times["dynamic"] * 1e3 / len(chunks), "time_ratio": time_ratio,
-                     "flops_ratio": flops_ratio, "efficiency": time_ratio / flops_ratio,
-                     "distinct_masks": int(torch.unique(masks, dim=0).shape[0]), "dtype": "float32"})
+        row = {"batch": size, "images": count, "full_ms": times["full"] * 1e3 / len(chunks),
+               "dynamic_ms": times["dynamic"] * 1e3 / len(chunks), "time_ratio": time_ratio,
+               "flops_ratio": flops_ratio, "efficiency": time_ratio / flops_ratio,
+               "distinct_masks": int(torch.unique(masks, dim=0).shape[0]), "dtype": "float32"}
+        if breakdown:
+            share = time_share(masks, block_ms, fixed_ms)
+            row.update(masked_backbone_ms=times["masked"] * 1e3 / len(chunks), kept_time_share=share,
+                       policy_ms=(times["dynamic"] - times["masked"]) * 1e3 / len(chunks),
+                       runner_efficiency=times["full"] * share / times["masked"],
+                       cost_model_efficiency=1 / share / flops_ratio)
+        rows.append(row)
     return rows
 
 

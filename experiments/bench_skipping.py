@@ -11,7 +11,7 @@ import torch
 
 from backbone.cpu_allocator import allocator_setting
 from backbone.errors import ConfigError
-from backbone.models.cost import measure_backbone_cost, median_ratio, median_times, peak_memory_mb
+from backbone.models.cost import measure_backbone_cost, median_ratio, median_times, peak_memory_mb, time_per_block, time_share
 from backbone.models.torchvision_resnet import build_backbone, is_torchvision_name
 
 
@@ -122,23 +122,6 @@ def distinct_row_counts(stream) -> dict:
 
 #: Operators that are index work of the masked runner (gathers, scatters, row lists).
 INDEX_OPS = ("index_select", "index_copy", "nonzero", "index_put", "aten::index", "masked_select", "gather", "scatter")
-
-
-def time_per_block(model, x: torch.Tensor, device, repeats: int) -> tuple[torch.Tensor, float]:
-    """(ms per block on the whole batch ``x``, ms of stem and head): each block timed on its own
-    input from a full forward (median of ``repeats``)."""
-    inputs = [model.stem(x)]
-    for block in model.blocks:
-        inputs.append(block(inputs[-1]))
-    fns = {"stem": lambda: model.stem(x), "head": lambda: model.head(inputs[-1])}
-    fns.update({i: (lambda b=b, h=h: b(h)) for i, (b, h) in enumerate(zip(model.blocks, inputs))})
-    times = median_times(fns, device, warmup=1, repeats=max(3, repeats))
-    return torch.tensor([times[i] * 1e3 for i in range(model.num_blocks)]), (times["stem"] + times["head"]) * 1e3
-
-
-def time_share(mask: torch.Tensor, block_ms: torch.Tensor, fixed_ms: float) -> float:
-    """The share of a full forward's time that ``mask`` (rows, blocks) keeps, from per-block times."""
-    return (fixed_ms + float((mask.float().mean(0) * block_ms).sum())) / (fixed_ms + float(block_ms.sum()))
 
 
 def page_faults_per_call(fn, calls: int = 1) -> float:

@@ -215,36 +215,8 @@ def bench_pair(run_dir: Path, repeats: int, stream: int = 64, batch: int = 256) 
     cfg, name, model, ladder, pair, device = load_final_pair(run_dir)
     test = load_splits(cfg.data).test
     extra = policy_flops(model, make_skip_task(cfg.policy, pair.backbone, test.subset(range(8)), device, ladder), cfg.policy.env)
-    rows = pair_latency(pair, test, batch, stream, repeats, device, extra)
-    for row, parts in zip(rows, pair_time_parts(pair, test, batch, stream, repeats, device)):
-        # efficiency ≈ cost model × runner × the masked backbone's share of the pair's time
-        row.update(parts, cost_model_efficiency=1 / parts["kept_time_share"] / row["flops_ratio"])
+    rows = pair_latency(pair, test, batch, stream, repeats, device, extra, breakdown=True)
     return [{"bench": "pair", "run": str(run_dir), "model": name, "device": device_name(device), **r} for r in rows]
-
-
-def pair_time_parts(pair, dataset, batch: int, stream: int, repeats: int, device) -> list[dict]:
-    """Where a pair's time goes, on the images ``pair_latency`` times: the masked backbone alone
-    on the policy's masks (timed interleaved with the full backbone and the pair, so the policy's
-    share is a difference within one measurement), and the share of the full forward's time that
-    those masks keep by per-block times: the time of a runner that skips at no cost. FLOPs
-    undercount blocks that are slow per FLOP; ``kept_time_share`` against the FLOPs ratio is that
-    cost-model part of the gap, ``runner_efficiency`` the runner's."""
-    from experiments.bench_skipping import time_per_block, time_share
-
-    backbone, parts = pair.backbone, []
-    for size in (1, batch):
-        chunks = dataset.images[:min(stream if size == 1 else size, len(dataset))].to(device).split(size)
-        with torch.inference_mode():
-            masks = [pair.decide(x) for x in chunks]
-            t = median_times({"full": lambda: [backbone(x) for x in chunks], "dynamic": lambda: [pair(x) for x in chunks],
-                              "masked": lambda: [backbone(x, m) for x, m in zip(chunks, masks)]},
-                             device, warmup=2, repeats=repeats)
-            block_ms, fixed_ms = time_per_block(backbone, chunks[0], device, repeats)
-        share = time_share(torch.cat(masks).cpu(), block_ms, fixed_ms)
-        parts.append({"masked_backbone_ms": t["masked"] * 1e3 / len(chunks), "kept_time_share": share,
-                      "policy_ms": (t["dynamic"] - t["masked"]) * 1e3 / len(chunks),
-                      "runner_efficiency": t["full"] * share / t["masked"]})
-    return parts
 
 
 def onednn_runs_avx512() -> bool:

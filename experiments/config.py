@@ -83,7 +83,8 @@ class StudyConfig:
     scratch, the pretraining recipe without stochastic depth); null = ``pretrain.epochs``, and
     must be set when the backbone is imported (``pretrain.epochs: 0``). ``share_backbone``: with
     several seeds, every seed reuses the first seed's backbone and its from-scratch static
-    networks (neither depends on what the seeds vary; the report says so)
+    networks where the first seed has trained them (neither depends on what the seeds vary; the
+    report says what was shared).
     """
 
     baselines: bool = True  # gates, static ResNets, random dropping, fixed subsets at the budgets

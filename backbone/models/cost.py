@@ -157,6 +157,23 @@ def median_ratio(numerator: list[float], denominator: list[float]) -> float:
     return statistics.median(a / b for a, b in zip(numerator, denominator))
 
 
+def time_per_block(model, x: torch.Tensor, device, repeats: int) -> tuple[torch.Tensor, float]:
+    """(ms per block on the whole batch ``x``, ms of stem and head): each block timed on its own
+    input from a full forward (median of ``repeats``)."""
+    inputs = [model.stem(x)]
+    for block in model.blocks:
+        inputs.append(block(inputs[-1]))
+    fns = {"stem": lambda: model.stem(x), "head": lambda: model.head(inputs[-1])}
+    fns.update({i: (lambda b=b, h=h: b(h)) for i, (b, h) in enumerate(zip(model.blocks, inputs))})
+    times = median_times(fns, device, warmup=1, repeats=max(3, repeats))
+    return torch.tensor([times[i] * 1e3 for i in range(model.num_blocks)]), (times["stem"] + times["head"]) * 1e3
+
+
+def time_share(mask: torch.Tensor, block_ms: torch.Tensor, fixed_ms: float) -> float:
+    """The share of a full forward's time that ``mask`` (rows, blocks) keeps, from per-block times."""
+    return (fixed_ms + float((mask.float().mean(0) * block_ms).sum())) / (fixed_ms + float(block_ms.sum()))
+
+
 def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float | None:
     """Peak memory while ``fn()`` runs, in MiB: on CUDA the most tensor memory allocated above
     what was allocated before; on Linux CPUs the peak resident set size of the whole process
