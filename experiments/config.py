@@ -140,6 +140,11 @@ class ExperimentConfig:
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
 
+    @property
+    def lambdas(self) -> list[float]:
+        """Every λ of the study: the policy's first, then ``study.lambdas`` (each once)."""
+        return list(dict.fromkeys([self.policy.reward.lam, *self.study.lambdas]))
+
 
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)

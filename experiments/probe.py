@@ -137,10 +137,9 @@ def policy_bound(cfg, backbone, splits, train, f_train: dict, f_test: dict, grou
     oracle = oracle_curve(c_test.t(), flops, full)
     curves["oracle (per image)"] = [point(f, a) for f, a in zip(oracle["flops_ratio"], oracle["accuracy"])]
     budgets = list(cfg.study.budgets)
-    lams = sorted({float(cfg.policy.reward.lam), *map(float, cfg.study.lambdas or [])})
     return {"budgets": budgets, "ladder": [mask_string(m) for m in masks],
             "at_budgets": {name: [accuracy_at(pts, b) for b in budgets] for name, pts in curves.items()},
-            "curves": curves, "reward_optimum": [reward_optimum(c_test, masks, g_test, lam) for lam in lams]}
+            "curves": curves, "reward_optimum": [reward_optimum(c_test, masks, g_test, lam) for lam in sorted(cfg.lambdas)]}
 
 
 def reward_optimum(correct: torch.Tensor, ladder: torch.Tensor, groups: torch.Tensor, lam: float) -> dict:

@@ -67,11 +67,6 @@ def study_seeds(study: ExperimentConfig) -> list[int]:
     return list(dict.fromkeys(study.study.seeds or [study.seed]))
 
 
-def study_lambdas(study: ExperimentConfig) -> list[float]:
-    """The policy's λ first, then ``study.lambdas`` (each once)."""
-    return list(dict.fromkeys([study.policy.reward.lam, *study.study.lambdas]))
-
-
 def trial_specs(study: ExperimentConfig) -> tuple[list[dict], list[dict]]:
     """(backbone trials, policy and baselines trials): one dict per trial (kind, seed, λ, id)."""
     seeds = study_seeds(study)
@@ -79,7 +74,7 @@ def trial_specs(study: ExperimentConfig) -> tuple[list[dict], list[dict]]:
                  for s in (seeds[:1] if study.study.share_backbone else seeds)]
     later = []
     for s in seeds:
-        later += [{"kind": "policy", "seed": s, "lam": lam, "id": f"policy_seed{s}_{lam_tag(lam)}"} for lam in study_lambdas(study)]
+        later += [{"kind": "policy", "seed": s, "lam": lam, "id": f"policy_seed{s}_{lam_tag(lam)}"} for lam in study.lambdas]
         if study.study.baselines:
             later.append({"kind": "baselines", "seed": s, "id": f"baselines_seed{s}"})
     return backbones, later
@@ -272,7 +267,7 @@ def assemble_seed(study: ExperimentConfig, seed: int) -> Path:
     metrics = {"pretrain": read_metrics(source)["pretrain"]}
     if source != cfg.run_dir:
         metrics["pretrain"]["shared_from"] = str(source)
-    for lam in study_lambdas(study):
+    for lam in study.lambdas:
         tag, trial = lam_tag(lam), read_metrics(cfg.run_dir / lam_tag(lam))
         metrics[tag] = {**trial["policy"], "tag": tag}
         if "finetune" in trial:
