@@ -17,18 +17,16 @@ ResNet-50 at batch 32 took 225,000 page faults per forward and ran 1.3x slower w
 freed memory stays there (the heap is trimmed only above 1 GiB free). It is applied once when
 ``backbone`` is imported; ``DYNDEPTH_CPU_ALLOCATOR=system`` leaves glibc's defaults alone. The
 cost: freed memory stays in the process (its resident size stays near its high-water mark), as
-with the caching allocators torch uses on GPUs. :func:`releasing_memory` undoes it for a
-measurement of peak memory.
+with the caching allocators torch uses on GPUs, so the resident size says little about what a
+call needs: :func:`allocated_bytes` (what malloc has handed out and not taken back) does.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ctypes.util
 import os
 import sys
-from typing import Iterator
 
 # mallopt parameters (malloc.h)
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
@@ -73,24 +71,27 @@ def allocator_setting() -> str:
     return "tuned" if _state["tuned"] else "system"
 
 
-@contextlib.contextmanager
-def releasing_memory() -> Iterator[None]:
-    """Inside: freed memory goes back to the kernel at once (every allocation that the heap cannot
-    serve is mmapped, the heap is trimmed first and on every free), so the resident size follows
-    the live tensors and its peak measures a call's memory. Restores the tuned thresholds after.
-    Untuned (glibc's own dynamic thresholds, which a mallopt call would switch off for good) it
-    changes nothing."""
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _mallinfo2():
     libc = _glibc()
-    if libc is None or not _state["tuned"]:
-        yield
-        return
-    libc.malloc_trim(0)
-    libc.mallopt(M_MMAP_MAX, 65536)  # glibc's default
-    libc.mallopt(M_MMAP_THRESHOLD, 0)
-    libc.mallopt(M_TRIM_THRESHOLD, 0)
-    try:
-        yield
-    finally:
-        libc.malloc_trim(0)
-        for param, value in _TUNED:
-            libc.mallopt(param, value)
+    function = getattr(libc, "mallinfo2", None) if libc is not None else None  # glibc >= 2.33
+    if function is not None:
+        function.restype = _MallInfo2
+    return function
+
+
+_MALLINFO2 = _mallinfo2()
+
+
+def allocated_bytes() -> int | None:
+    """Bytes malloc has handed out and not yet taken back (glibc's ``mallinfo2``: heap chunks in
+    use plus mmapped blocks), whatever the allocator keeps resident; None off glibc >= 2.33.
+    Tensors, oneDNN's buffers and NumPy arrays all come from malloc on Linux CPUs."""
+    if _MALLINFO2 is None:
+        return None
+    info = _MALLINFO2()
+    return info.uordblks + info.hblkhd

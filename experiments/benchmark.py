@@ -18,7 +18,8 @@ Mask kinds: ``random`` (every block kept independently with the keep rate, per i
 ``patterns`` (4 fixed masks with exactly that share of blocks, rows assigned at random: what a
 trained policy tends to produce). Batches smaller than 16 run as a stream of calls, each with its
 own masks, so batch 1 measures the mask kind rather than one draw. Peak memory: see
-``backbone.models.cost.peak_memory_mb`` (CPU: the process's peak resident memory during the call).
+``backbone.models.cost.peak_memory_mb`` (the most memory a call holds at once above what was
+allocated before it; on CPUs malloc's allocated bytes, read after every operator).
 Beside each efficiency: how many distinct row counts each block ran with, the time outside
 convolutions (index work: gathers and scatters; other: BatchNorm, ReLU, adds, ...) and the
 minor page faults per forward (``backbone.cpu_allocator``: memory handed back to the kernel and

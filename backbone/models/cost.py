@@ -18,7 +18,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from backbone.models.masked import check_keep_mask
 from backbone.models.resnet import SkippableResNet
-from backbone.cpu_allocator import releasing_memory
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from backbone.cpu_allocator import allocated_bytes
 
 
 def count_flops(fn: Callable[[], object]) -> int:
@@ -174,12 +176,26 @@ def time_share(mask: torch.Tensor, block_ms: torch.Tensor, fixed_ms: float) -> f
     return (fixed_ms + float((mask.float().mean(0) * block_ms).sum())) / (fixed_ms + float(block_ms.sum()))
 
 
+class _PeakAllocated(TorchDispatchMode):
+    """Reads :func:`allocated_bytes` after every operator and keeps the largest value."""
+
+    def __init__(self):
+        super().__init__()
+        self.peak = allocated_bytes()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.peak = max(self.peak, allocated_bytes())
+        return out
+
+
 def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float | None:
-    """Peak memory while ``fn()`` runs, in MiB: on CUDA the most tensor memory allocated above
-    what was allocated before; on Linux CPUs the peak resident set size of the whole process
-    (reset just before the call, so it is this call's peak, baseline included), measured with
-    freed memory handed back to the kernel (``backbone.cpu_allocator.releasing_memory``: the
-    tuned allocator would keep the process at its high-water mark). None elsewhere."""
+    """The most memory ``fn()`` holds at once above what was allocated before it, in MiB: on CUDA
+    torch's ``max_memory_allocated``; on Linux CPUs (glibc) the bytes malloc has handed out, read
+    after every operator the call runs (an operator's temporaries freed before it returns are not
+    seen; everything alive between operators is). Not the resident set size: that depends on what
+    the allocator kept from earlier calls (one full forward of a ResNet-50 read 1,024 MiB of peak
+    RSS first and 1,248 MiB later in the same process, docs/results.md). None elsewhere."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_allocated(device)
@@ -187,13 +203,12 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float | No
         fn()
         torch.cuda.synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - before) / 2**20
-    try:
-        with releasing_memory():
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # resets VmHWM, the peak RSS (Linux >= 4.0)
-            fn()
-        with open("/proc/self/status") as f:
-            peak_kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-        return peak_kb / 1024
-    except (OSError, StopIteration):
+    if allocated_bytes() is None:
         return None
+    with _PeakAllocated():  # the dispatch mode's first use allocates ~24 MB for good: not the call's
+        torch.empty(0)
+    before = allocated_bytes()
+    sampler = _PeakAllocated()
+    with sampler:
+        fn()
+    return (sampler.peak - before) / 2**20
