@@ -73,7 +73,7 @@ def test_a_masked_forward_needs_no_more_memory_than_the_full_one():
             random_rows = torch.rand(64, model.num_blocks, generator=gen) < keep
             shared = (torch.rand(1, model.num_blocks, generator=gen) < keep).expand(64, -1)
             for mask in (random_rows, shared):
-                masked = peak_memory_mb(lambda: model(x, mask), cpu)
+                masked = peak_memory_mb(lambda m=mask: model(x, m), cpu)
                 assert masked <= full * 1.001, (keep, masked, full)
 
 
