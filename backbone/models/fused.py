@@ -26,9 +26,17 @@ def conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tenso
 
 
 def _sources(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple:
-    tensors = [conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var]
-    # data_ptr: Module.to() and .half() swap a parameter's data in place of the same object.
-    return tuple((id(t), t._version, t.data_ptr(), t.dtype) if t is not None else None for t in tensors) + (bn.eps,)
+    # Read straight from the modules' dicts and spelled out (no loop, no nn.Module.__getattr__):
+    # this runs before every convolution at inference, 1.3 instead of 6.6 µs, which at batch 1 was
+    # ~5% of a ResNet-56 forward. data_ptr: Module.to() and .half() swap a parameter's data in
+    # place of the same object (and .half() changes every tensor's data, so one dtype suffices).
+    p, q, b = conv._parameters, bn._parameters, bn._buffers
+    w, cb, g, beta, mean, var = p["weight"], p.get("bias"), q.get("weight"), q.get("bias"), b.get("running_mean"), b.get("running_var")
+    return (id(w), w._version, w.data_ptr(), w.dtype,
+            cb is None or (id(cb), cb._version, cb.data_ptr()), g is None or (id(g), g._version, g.data_ptr()),
+            beta is None or (id(beta), beta._version, beta.data_ptr()),
+            mean is None or (id(mean), mean._version, mean.data_ptr()),
+            var is None or (id(var), var._version, var.data_ptr()), bn.eps)
 
 
 def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
