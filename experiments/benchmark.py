@@ -204,8 +204,8 @@ def bench_shortcut(device, warmup: int, repeats: int, width: int = 6, batch: int
              "slowdown": r["workaround"] / r["native"], "native_backward_timed": safe_native} for r in records]
 
 
-def bench_pair(run_dir: Path, repeats: int, stream: int = 64, batch: int = 256) -> list[dict]:
-    """The trained dynamic model of a run (policy + masked backbone, as ``experiments.evaluate``
+def bench_pair(run_dir: Path, repeats: int, stream: int = 64, batch: int = 256, tag: str = "policy") -> list[dict]:
+    """The trained dynamic model of a run (policy ``tag`` + masked backbone, as ``experiments.evaluate``
     loads it) against its full backbone, on the run's test images: a stream of ``stream``
     different images at batch 1 and one batch of ``batch``; efficiency includes the policy's FLOPs."""
     from agents.evaluation import pair_latency, policy_flops
@@ -213,7 +213,7 @@ def bench_pair(run_dir: Path, repeats: int, stream: int = 64, batch: int = 256) 
     from backbone.data.datasets import load_splits
     from experiments.evaluate import load_final_pair
 
-    cfg, name, model, ladder, pair, device = load_final_pair(run_dir)
+    cfg, name, model, ladder, pair, device = load_final_pair(run_dir, tag)
     test = load_splits(cfg.data).test
     extra = policy_flops(model, make_skip_task(cfg.policy, pair.backbone, test.subset(range(8)), device, ladder), cfg.policy.env)
     rows = pair_latency(pair, test, batch, stream, repeats, device, extra, breakdown=True)
@@ -265,6 +265,7 @@ def main(argv=None) -> None:
                         help="skipping cases' input size (default: the family's, 32 CIFAR / 224 torchvision)")
     parser.add_argument("--json", type=Path, default=None, help="write the records to this file")
     parser.add_argument("--run", type=Path, default=None, help="--bench pair: the run directory whose trained pair to time")
+    parser.add_argument("--tag", default="policy", help="--bench pair: which of the run's policies (e.g. lam0.055)")
     parser.add_argument("--bench", nargs="+", default=["skipping", "env", "train", "layout", "shortcut"],
                         choices=["skipping", "env", "train", "layout", "shortcut", "pair"],
                         help="skipping: masked vs full forward; env: VecEnv throughput; train: data path vs tensors "
@@ -325,7 +326,7 @@ def main(argv=None) -> None:
         if args.run is None:
             parser.error("--bench pair needs --run DIR (a run directory with a trained policy)")
         print()
-        for r in bench_pair(args.run, args.repeats or 10):
+        for r in bench_pair(args.run, args.repeats or 10, tag=args.tag):
             print(f"pair {r['model']} batch {r['batch']} ({r['images']} images, {r['distinct_masks']} masks): full "
                   f"{r['full_ms']:.2f} ms, dynamic {r['dynamic_ms']:.2f} ms per call; time ratio {r['time_ratio']:.2f}, "
                   f"FLOPs ratio {r['flops_ratio']:.2f}, efficiency {r['efficiency']:.2f}")

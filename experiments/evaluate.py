@@ -52,9 +52,11 @@ def load_final_pair(run_dir: Path, tag: str = "policy"):
     final dynamic model of policy ``tag`` (fine-tuned if it exists)."""
     if not (run_dir / "config.yaml").exists():
         raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
-    cfg = load_config(run_dir / "config.yaml")
-    device = resolve_device(cfg.device)
     name, backbone_file, policy_file = final_pair_paths(run_dir, tag)
+    # The stage's own config: a policy trained with --tag may differ from the run's (λ, env, ...).
+    stage_config = policy_file.parent / "config.yaml"
+    cfg = load_config(stage_config if stage_config.exists() else run_dir / "config.yaml")
+    device = resolve_device(cfg.device)
     backbone = load_model(backbone_file, map_location=device).to(device).eval()
     model = load_policy(policy_file, cfg.policy.algo, backbone, cfg.policy.env, backbone_file, device)
     ladder = load_ladder(policy_file.parent)

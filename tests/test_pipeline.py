@@ -246,3 +246,23 @@ def test_study_on_an_imported_backbone_trains_every_baseline(study, tmp_path):
     # Every method that starts from the backbone got the joint fine-tuning's budget.
     for name in ("fixed subset + fine-tuning", "random dropping + fine-tuning", "full backbone + fine-tuning"):
         assert compare["curves"][name], name
+
+
+def test_a_tagged_policy_is_loaded_with_its_own_stage_config(study, tmp_path):
+    """A policy trained with --tag on other settings than the run's (here the sequential env in a
+    run whose main policy is one-shot) is evaluated and timed as it was trained."""
+    import shutil
+
+    work, _ = study
+    shutil.copytree(work / "runs" / "tiny", tmp_path / "runs" / "tiny")  # evaluate rewrites the report
+    shutil.copy(work / "tiny.yaml", tmp_path)
+    trained = run("--config", "tiny.yaml", "--tag", "seq", "--set", "policy.env=sequential", cwd=tmp_path,
+                  module="experiments.train_policy")
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    evaluated = run("--run", "runs/tiny", "--tag", "seq", "--json", cwd=tmp_path, module="experiments.evaluate")
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    assert json.loads(evaluated.stdout)["model"] == "seq"
+    timed = run("--bench", "pair", "--run", "runs/tiny", "--tag", "seq", "--repeats", "1", "--json", "seq.json",
+                cwd=tmp_path, module="experiments.benchmark")
+    assert timed.returncode == 0, timed.stderr[-2000:]
+    assert {r["model"] for r in json.loads((tmp_path / "seq.json").read_text())["records"]} == {"seq"}
