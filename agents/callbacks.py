@@ -1,5 +1,5 @@
-"""The callbacks of policy training: TensorBoard task metrics, BlockDrop's curriculum,
-periodic evaluation with exact-resume checkpoints, and a progress bar.
+"""The callbacks of policy training: TensorBoard task metrics, BlockDrop's curriculum, a λ
+warm-up, periodic evaluation with exact-resume checkpoints, and a progress bar.
 
 A checkpoint is taken at a rollout boundary (after the update, before new experience) and has
 three files: ``last.zip`` (SB3: weights, optimiser, timestep count, current observations),
@@ -9,6 +9,7 @@ the progress record) and ``progress.json`` (evaluation history, time spent, for 
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import time
@@ -78,6 +79,34 @@ class CurriculumCallback(BaseCallback):
 
     def _on_training_end(self) -> None:
         self.training_env.set_attr("num_decided", self.num_blocks)
+
+    def _on_step(self) -> bool:
+        return True
+
+
+class LambdaWarmupCallback(BaseCallback):
+    """λ rises linearly from 0 to ``reward.lam`` over the first ``steps`` timesteps (set on the
+    training envs at each rollout start; a function of the timestep count, so a resumed run
+    continues the same schedule). Why: on a backbone that loses most of its accuracy to a few
+    random drops, a policy whose early, random decisions run an arbitrary few blocks finds blocks
+    worth less than their price and settles on running none (the sequential env on akamaster's
+    ResNet-32 at λ ≥ 0.045, docs/results.md). Starting with free blocks, it first learns which
+    blocks pay on which images, then sheds them as the price rises."""
+
+    def __init__(self, reward, steps: int):
+        super().__init__()
+        self.reward, self.steps = reward, steps
+
+    def lam(self, timesteps: int) -> float:
+        return self.reward.lam * min(1.0, timesteps / self.steps)
+
+    def _on_rollout_start(self) -> None:
+        lam = self.lam(self.num_timesteps)
+        self.training_env.set_attr("reward", dataclasses.replace(self.reward, lam=lam))
+        self.logger.record("charts/lambda", lam)
+
+    def _on_training_end(self) -> None:
+        self.training_env.set_attr("reward", self.reward)
 
     def _on_step(self) -> bool:
         return True

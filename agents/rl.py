@@ -22,6 +22,7 @@ from stable_baselines3.common.vec_env import VecMonitor
 from agents.callbacks import (
     CheckpointEvalCallback,
     CurriculumCallback,
+    LambdaWarmupCallback,
     ProgressBarCallback,
     TaskMetricsCallback,
     restore_training_state,
@@ -69,6 +70,9 @@ class PolicyConfig:
     hidden: int = 64  # width of the actor and critic heads
     curriculum: bool = False  # BlockDrop: decide only the last k blocks first, k grows by one ...
     curriculum_steps: int = 5_000  # ... every this many timesteps
+    # λ rises linearly from 0 to reward.lam over this many timesteps (0: off): the policy first
+    # learns which blocks pay at no price, then sheds them as the price rises (linear reward only)
+    lam_warmup: int = 0
     eval_every: int = 10_000  # timesteps between deterministic evaluations on held-out images
     eval_fraction: float = 0.2  # part of the policy's images kept for those evaluations
     checkpoint_every: int = 20_000
@@ -96,6 +100,8 @@ class PolicyConfig:
             (not (self.action == "ladder" and self.env == "sequential"), "policy.action: ladder is for the oneshot env"),
             (not (self.action == "ladder" and self.curriculum), "policy.curriculum needs policy.action: blocks"),
             (self.stem_grid >= 1, "policy.stem_grid must be >= 1"),
+            (self.lam_warmup >= 0, f"policy.lam_warmup must be >= 0, got {self.lam_warmup}"),
+            (self.lam_warmup == 0 or self.reward.kind == "linear", "policy.lam_warmup needs the linear reward (its λ)"),
             (0.5 < self.exploration_bound <= 1, "policy.exploration_bound must be in (0.5, 1]"),
         ]
         for ok, message in checks:
@@ -203,6 +209,8 @@ def train_policy(
     callbacks = [TaskMetricsCallback(task.num_blocks), saver, progress_bar]
     if cfg.curriculum:
         callbacks.append(CurriculumCallback(task.num_blocks, cfg.curriculum_steps))
+    if cfg.lam_warmup:
+        callbacks.append(LambdaWarmupCallback(task.reward, cfg.lam_warmup))
     remaining = cfg.timesteps - model.num_timesteps
     if remaining > 0:
         try:

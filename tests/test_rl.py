@@ -214,6 +214,22 @@ def test_curriculum_forces_early_blocks_on(tmp_path):
     assert task.num_decided == task.num_blocks  # restored when training ends
 
 
+def test_lambda_warmup_raises_the_price_of_a_block_from_zero(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from agents.callbacks import LambdaWarmupCallback
+
+    task = toy_task(lam=0.05, n=64)
+    warmup = LambdaWarmupCallback(task.reward, steps=200)
+    assert [warmup.lam(t) for t in (0, 100, 200, 10**6)] == pytest.approx([0.0, 0.025, 0.05, 0.05])
+    train_policy(small_cfg(timesteps=512, n_steps=2, lam_warmup=384), task, tmp_path / "out", tb_dir=tmp_path / "tb")
+    events = EventAccumulator(str(tmp_path / "tb")).Reload()
+    charged = [e.value for e in events.Scalars("charts/lambda")]  # what the envs charged, per rollout
+    assert charged[0] == 0.0 and charged == sorted(charged) and charged[-1] == pytest.approx(0.05)
+    assert len(set(charged)) >= 3
+    assert task.reward.lam == 0.05  # the card's λ again when training ends
+
+
 @pytest.mark.parametrize(
     "bad,match",
     [
@@ -223,6 +239,8 @@ def test_curriculum_forces_early_blocks_on(tmp_path):
         (dict(eval_fraction=1.0), "eval_fraction"),
         (dict(curriculum=True, env="sequential"), "curriculum"),
         (dict(reward={"kind": "linear", "lam": -1.0}), "lam"),
+        (dict(lam_warmup=-1), "lam_warmup"),
+        (dict(lam_warmup=100, reward={"kind": "blockdrop"}), "lam_warmup"),
     ],
 )
 def test_bad_policy_config(bad, match):
