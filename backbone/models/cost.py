@@ -14,12 +14,11 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from backbone.models.masked import check_keep_mask
 from backbone.models.resnet import SkippableResNet
-from torch.utils._python_dispatch import TorchDispatchMode
-
 from backbone.cpu_allocator import allocated_bytes
 
 
