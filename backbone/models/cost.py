@@ -176,11 +176,12 @@ def time_share(mask: torch.Tensor, block_ms: torch.Tensor, fixed_ms: float) -> f
 
 
 class _PeakAllocated(TorchDispatchMode):
-    """Reads :func:`allocated_bytes` after every operator and keeps the largest value."""
+    """Reads :func:`allocated_bytes` after every operator and keeps the largest value (``start``:
+    what was allocated when it was made)."""
 
     def __init__(self):
         super().__init__()
-        self.peak = allocated_bytes()
+        self.start = self.peak = allocated_bytes()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -206,8 +207,7 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float | No
         return None
     with _PeakAllocated():  # the dispatch mode's first use allocates ~24 MB for good: not the call's
         torch.empty(0)
-    before = allocated_bytes()
     sampler = _PeakAllocated()
     with sampler:
         fn()
-    return (sampler.peak - before) / 2**20
+    return (sampler.peak - sampler.start) / 2**20
