@@ -69,6 +69,64 @@ def test_mixed_mask_rows_equal_rows_run_alone(shortcut):
     assert not torch.allclose(out[0], model(x[:1], torch.zeros(1, model.num_blocks, dtype=torch.bool))[0])
 
 
+def _ranges_per_block(keep):
+    from backbone.models.masked import kept_ranges
+
+    return [len(kept_ranges(keep[:, j])) for j in range(keep.shape[1])]
+
+
+def test_sorting_rows_by_mask_puts_each_blocks_kept_rows_in_few_ranges():
+    from backbone.models.masked import contiguous_order
+
+    gen = torch.Generator().manual_seed(0)
+    patterns = (torch.rand(4, 27, generator=gen) < 0.5)[torch.randint(0, 4, (256,), generator=gen)]
+    order = contiguous_order(patterns)
+    assert sorted(order.tolist()) == list(range(256))
+    assert max(_ranges_per_block(patterns)) > 40  # unsorted: rows of a pattern lie all over
+    assert max(_ranges_per_block(patterns[order])) <= 2  # 4 groups: any union is <= 2 ranges
+    random = torch.rand(256, 27, generator=gen) < 0.5
+    # Reflected Gray order: the first block 1 range, the second 1 too, the j-th <= 2^(j-2).
+    assert _ranges_per_block(random[contiguous_order(random)])[:4] <= [1, 1, 2, 4]
+    assert contiguous_order(patterns[order]) is None  # already sorted
+    # Sorting an activation has to pay for itself: not when only two blocks' rows split.
+    two_split = torch.ones(256, 27, dtype=torch.bool)
+    two_split[:, [3, 9]] = random[:, [3, 9]]
+    assert contiguous_order(two_split) is not None and contiguous_order(two_split, min_blocks_gained=3) is None
+    assert contiguous_order(random, min_blocks_gained=3) is not None  # 4 blocks gain
+
+
+@pytest.mark.parametrize("shortcut", ["A", "B"])
+@pytest.mark.parametrize("kind", ["random", "patterns"])
+def test_inference_on_contiguous_ranges_equals_the_gather_path(shortcut, kind, monkeypatch):
+    """Without autograd, rows sorted by mask run each block on slices of the batch, with no
+    gather (patterns) or with gathers for the blocks whose rows stay scattered (random); every
+    row's logits are those of the row run alone, in the caller's order."""
+    import backbone.models.masked as masked
+
+    torch.manual_seed(1)
+    model = _random_bn(build_resnet(20, width=8, shortcut=shortcut)).eval()
+    x = torch.rand(16, 3, 32, 32)
+    mask = torch.rand(16, model.num_blocks) < 0.5
+    if kind == "patterns":
+        mask = mask[torch.randint(0, 3, (16,))]
+    expected = model(x, mask).detach()  # autograd on: the gather path for every split block
+    alone = torch.cat([model(x[i : i + 1], mask[i : i + 1]) for i in range(16)]).detach()
+    torch.testing.assert_close(expected, alone, rtol=1e-4, atol=1e-5)
+    gathered = []
+    take_rows = masked.take_rows
+    monkeypatch.setattr(masked, "take_rows", lambda x, rows: gathered.append(len(rows)) or take_rows(x, rows))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, mask), expected, rtol=1e-4, atol=1e-5)
+        if kind == "patterns":  # 3 distinct masks: every block runs on slices, none gathers
+            assert gathered == []
+        else:  # the blocks whose kept rows stay scattered gather them and their skipped rows
+            assert 0 < len(gathered) < 2 * model.num_blocks
+        # run_blocks on an activation (a policy that looked at the stem's output) sorts it
+        # itself where that pays, and returns the rows in the caller's order
+        h = model.stem(x)
+        torch.testing.assert_close(model.head(model.run_blocks(h, mask)), expected, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("shortcut", ["A", "B"])
 def test_skipped_block_takes_shortcut(shortcut):
     model = _random_bn(build_resnet(14, width=4, shortcut=shortcut)).eval()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -23,6 +24,7 @@ def run_block_masked(
     gate: torch.Tensor | None = None,
     inplace: bool = False,
     call: Callable[..., torch.Tensor] | None = None,
+    runs: list[tuple[int, int]] | None = None,
 ) -> torch.Tensor:
     """Run ``block`` only on rows ``keep_rows``; rows ``skip_rows`` take the shortcut.
 
@@ -34,8 +36,13 @@ def run_block_masked(
     Each block runs on exactly its kept rows: a convolution's time is linear in the row count, so
     padding the count up to a multiple of 8 or 16 (fewer distinct shapes) only adds work
     (measured: efficiency 0.80 instead of 0.89, docs/results.md).
+    ``runs``: the kept rows as contiguous ``(start, stop)`` ranges (see :func:`contiguous_order`);
+    then, without autograd and gate and with ``inplace``, the block runs on views of those ranges
+    and writes into them, with no gather and no scatter (``keep_rows``/``skip_rows`` unused).
     """
     call = call or call_block
+    if runs is not None and inplace and gate is None and not torch.is_grad_enabled():
+        return _run_block_on_ranges(block, x, runs, call)
     if skip_rows.numel() == 0:
         return call(block, x, gate)
     if keep_rows.numel() == 0:
@@ -51,21 +58,91 @@ def run_block_masked(
         # copy unless allowed in place (with autograd the previous layer saved x for its backward).
         out = x if inplace else x.clone()
         for rows in parts:  # a part reads only its own rows of x, which no other part writes
-            _put_rows(out, rows, call(block, _take_rows(x, rows), gate))
+            put_rows(out, rows, call(block, take_rows(x, rows), gate))
         return out
     free_shortcut = getattr(getattr(block, "shortcut", None), "costs_no_flops", False)
     # A parameter-free shortcut (option A: a strided view and zero channels) on every row is
     # cheaper than gathering the skipped rows for it; the kept rows are then overwritten.
     out = block.skip(x).contiguous(memory_format=memory_format_of(x)) if free_shortcut else None
     for rows in parts:
-        kept = call(block, _take_rows(x, rows), gate)
+        kept = call(block, take_rows(x, rows), gate)
         if out is None:
             out = torch.empty((x.shape[0],) + tuple(kept.shape[1:]), dtype=kept.dtype, device=kept.device,
                               memory_format=memory_format_of(x))
-        _put_rows(out, rows, kept)
+        put_rows(out, rows, kept)
     if not free_shortcut:
-        _put_rows(out, skip_rows, block.skip(_take_rows(x, skip_rows)))
+        put_rows(out, skip_rows, block.skip(take_rows(x, skip_rows)))
     return out
+
+
+def _run_block_on_ranges(block: nn.Module, x: torch.Tensor, runs: list[tuple[int, int]], call) -> torch.Tensor:
+    # A slice of rows is a contiguous view in either layout: the block reads it where it lies and
+    # (identity shortcut) adds its residual into it, so the gather and the scatter of the kept
+    # rows (two copies of them each) disappear. Memory: the block's intermediates for the
+    # kept rows only, never more than the full forward holds for every row.
+    if not block.downsamples:
+        for start, stop in runs:
+            rows = x[start:stop]
+            if call is call_block:  # relu(x + residual) written straight into x: no copy at all
+                rows.add_(block.residual(rows)).relu_()
+            else:  # a compiled block returns a fresh tensor
+                rows.copy_(call(block, rows, None))
+        return x
+    free_shortcut = getattr(getattr(block, "shortcut", None), "costs_no_flops", False)
+    out = block.skip(x).contiguous(memory_format=memory_format_of(x)) if free_shortcut else None
+    done = 0
+    for start, stop in runs:
+        kept = call(block, x[start:stop], None)
+        if out is None:
+            out = torch.empty((x.shape[0],) + tuple(kept.shape[1:]), dtype=kept.dtype, device=kept.device,
+                              memory_format=memory_format_of(x))
+        if not free_shortcut and start > done:
+            out[done:start].copy_(block.skip(x[done:start]))
+        out[start:stop].copy_(kept)
+        done = stop
+    if not free_shortcut and done < x.shape[0]:
+        out[done:].copy_(block.skip(x[done:]))
+    return out
+
+
+#: A block whose kept rows form at most this many contiguous ranges runs on views of them instead
+#: of a gather and a scatter (docs/results.md, "contiguous ranges").
+MAX_RANGES = 4
+
+
+def contiguous_order(keep: torch.Tensor, min_blocks_gained: int = 0) -> torch.Tensor | None:
+    """A row order (a permutation) in which the rows that keep each block of ``keep`` (a (rows,
+    blocks) bool CPU mask) lie in few contiguous ranges; None where the order as it is serves
+    as well: already sorted, or fewer than ``min_blocks_gained`` blocks newly within
+    ``MAX_RANGES`` ranges.
+
+    Rows are sorted by their masks in reflected-Gray-code order of the blocks whose rows split,
+    the first block most significant: rows sharing a mask become neighbours, the first block's
+    kept rows one range, the j-th block's at most 2^(j-2) ranges (half of what a plain
+    lexicographic sort gives), and a few distinct or nested masks few ranges for every block.
+    The first blocks get the fewest ranges, and a network's first blocks have the largest
+    activations, whose gathers cost most.
+    """
+    split = keep.any(0) & ~keep.all(0)
+    if keep.shape[0] < 2 or not bool(split.any()):
+        return None
+    bits = keep[:, split].numpy().astype(np.uint8)
+    gray_rank = np.bitwise_xor.accumulate(bits, axis=1)  # a Gray code's binary rank: prefix XOR
+    order = np.lexsort(gray_rank.T[::-1])  # lexsort's last key is the primary one; stable
+    if (order[1:] > order[:-1]).all():
+        return None
+    if min_blocks_gained > 0:
+        ranges = lambda m: np.count_nonzero(np.diff(m.astype(np.int8), axis=0, prepend=0, append=0) == 1, axis=0)  # noqa: E731
+        gained = (ranges(bits[order]) <= MAX_RANGES) & (ranges(bits) > MAX_RANGES)
+        if int(gained.sum()) < min_blocks_gained:
+            return None
+    return torch.from_numpy(order)
+
+
+def kept_ranges(column: torch.Tensor) -> list[tuple[int, int]]:
+    """The ``(start, stop)`` ranges of the set entries of a 1-D bool CPU tensor."""
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], column.numpy().astype(np.int8), [0]))))
+    return list(zip(edges[0::2].tolist(), edges[1::2].tolist()))
 
 
 # Row gathers and scatters that keep the layout, on a 2-D (rows, features) view of the tensor: on
@@ -86,14 +163,14 @@ def _from_rows(rows_2d: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return rows_2d.view((count,) + tuple(like.shape[1:]))
 
 
-def _take_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+def take_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     view = _rows_view(x)
     if view.dim() != 2:  # neither layout is contiguous: a plain gather
         return x.index_select(0, rows)
     return _from_rows(view.index_select(0, rows), x)
 
 
-def _put_rows(out: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+def put_rows(out: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     view = _rows_view(out)
     if view.dim() != 2:
         out.index_copy_(0, rows, values)

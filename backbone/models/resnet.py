@@ -20,7 +20,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from backbone.models.fused import conv_bn
-from backbone.models.masked import call_block, check_keep_mask, memory_format_of, run_block_masked
+from backbone.models.masked import (
+    MAX_RANGES,
+    call_block,
+    check_keep_mask,
+    contiguous_order,
+    kept_ranges,
+    memory_format_of,
+    put_rows,
+    run_block_masked,
+    take_rows,
+)
 
 #: Per-channel input statistics; the model normalises its own input (uint8 or float in [0, 1]).
 NORMALIZATION = {
@@ -99,8 +109,11 @@ class BasicBlock(nn.Module):
         # nn.Module.__getattr__ (~1 µs), and the masked forward asks every block each call.
         self.downsamples = not isinstance(self.shortcut, nn.Identity)
 
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
+        return conv_bn(self.conv2, self.bn2, F.relu(conv_bn(self.conv1, self.bn1, x)))
+
     def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
-        residual = conv_bn(self.conv2, self.bn2, F.relu(conv_bn(self.conv1, self.bn1, x)))
+        residual = self.residual(x)
         if gate is not None:
             # gate is 1 for every row that gets here; multiplying keeps the value and lets a
             # differentiable gate receive d(loss)/d(gate) = <grad, residual>.
@@ -171,7 +184,21 @@ class SkippableResNet(nn.Module):
         hard differentiable gate: kept rows multiply their residual by it (value 1), so its
         gradient flows; skipped rows have no residual and get no gradient.
         """
-        return self.head(self.run_blocks(self.stem(x), keep_mask))
+        order = self._inference_order(keep_mask, x.shape[0])
+        if order is None:
+            return self.head(self.run_blocks(self.stem(x), keep_mask))
+        # Sorting the images (3 channels, often uint8) costs far less than sorting an activation:
+        # the blocks then find their kept rows in contiguous ranges (run_blocks); the logits go
+        # back to the caller's order.
+        order = order.to(x.device)
+        logits = self.head(self.run_blocks(self.stem(x.index_select(0, order)), keep_mask.index_select(0, order.to(keep_mask.device))))
+        return torch.empty_like(logits).index_copy_(0, order, logits)
+
+    def _inference_order(self, keep_mask: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+        # Only without autograd: the ranges path writes into its input (run_block_masked).
+        if keep_mask is None or batch < 2 or torch.is_grad_enabled():
+            return None
+        return contiguous_order(check_keep_mask(keep_mask, batch, self.num_blocks))
 
     def run_blocks(self, x: torch.Tensor, keep_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The blocks on the stem's output ``x``, each on the rows of ``keep_mask`` that keep it
@@ -190,7 +217,17 @@ class SkippableResNet(nn.Module):
         # plain shorter network, and with a few distinct masks only the blocks they disagree
         # on pay for a gather and a scatter.
         kept_by_all, kept_by_none = keep_cpu.all(0).tolist(), (~keep_cpu.any(0)).tolist()
+        # Without autograd, a block whose kept rows lie in a few contiguous ranges (rows sorted by
+        # mask: forward() sorts the images) runs on views of them, with no gather or scatter.
+        ranges_ok = not with_gate and not torch.is_grad_enabled()
         device = x.device
+        # Sorting an activation (the stem's output, when a policy looked at it before deciding)
+        # costs a gather of every row and unsorting the result one more: about the gathers and
+        # scatters of two stage-1 blocks, so only when more blocks than that get few ranges.
+        order = contiguous_order(keep_cpu, min_blocks_gained=3) if ranges_ok else None
+        if order is not None:
+            keep_cpu, order = keep_cpu[order], order.to(device)
+            x = take_rows(x, order)
         for i, block in enumerate(self._blocks):
             if kept_by_none[i]:
                 if block.downsamples:  # an identity shortcut needs no call at all
@@ -199,12 +236,18 @@ class SkippableResNet(nn.Module):
                 x = call(block, x, keep_mask[:, i] if with_gate else None)
             else:
                 column = keep_cpu[:, i]
+                runs = kept_ranges(column) if ranges_ok else None
+                if runs is not None and len(runs) <= MAX_RANGES:
+                    x = run_block_masked(block, x, None, None, None, True, call, runs)
+                    continue
                 keep_rows = column.nonzero().squeeze(1).to(device, non_blocking=True)
                 skip_rows = (~column).nonzero().squeeze(1).to(device, non_blocking=True)
                 gate = keep_mask[keep_rows, i] if with_gate else None
                 # x is this forward's own intermediate: without autograd it may be overwritten.
                 inplace = not (torch.is_grad_enabled() and x.requires_grad)
                 x = run_block_masked(block, x, keep_rows, skip_rows, gate, inplace, call)
+        if order is not None:
+            x = put_rows(torch.empty_like(x), order, x)
         return x
 
 
