@@ -4,7 +4,10 @@ Every model kind (CIFAR ResNets, torchvision's BasicBlock and Bottleneck) and ev
 masked forward of ``SkippableResNet``, the env, the gates, the sequential policy) runs blocks
 through :func:`run_block_masked`, so a skipped block costs nothing anywhere: a block runs only on
 its kept rows (gathered, then scattered back), and a skipped downsampling block applies its
-shortcut so shapes fit. Measurements of what this costs: docs/results.md, "Real skipping".
+shortcut so shapes fit. At inference the masked forward first sorts the rows by mask
+(:func:`contiguous_order`), so that most blocks find their kept rows in a few contiguous ranges
+and run on views of the batch, with no gather or scatter at all. Measurements of what this
+costs: docs/results.md, "Real skipping".
 """
 
 from __future__ import annotations
@@ -83,8 +86,8 @@ def _run_block_on_ranges(block: nn.Module, x: torch.Tensor, runs: list[tuple[int
     if not block.downsamples:
         for start, stop in runs:
             rows = x[start:stop]
-            if call is call_block:  # relu(x + residual) written straight into x: no copy at all
-                rows.add_(block.residual(rows)).relu_()
+            if call is call_block and getattr(block, "relu_of_sum", False):
+                rows.add_(block.residual(rows)).relu_()  # written straight into x: no copy at all
             else:  # a compiled block returns a fresh tensor
                 rows.copy_(call(block, rows, None))
         return x

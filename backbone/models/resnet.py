@@ -96,6 +96,8 @@ def _shortcut(in_planes: int, planes: int, stride: int, kind: str) -> nn.Module:
 class BasicBlock(nn.Module):
     """Two 3x3 convolutions with a shortcut: ``relu(shortcut(x) + gate * residual(x))``."""
 
+    relu_of_sum = True  # forward is relu(skip(x) + residual(x)): the masked runner may add in place
+
     def __init__(self, in_planes: int, planes: int, stride: int = 1, shortcut: str = "A"):
         super().__init__()
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)

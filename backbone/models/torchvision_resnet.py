@@ -39,6 +39,7 @@ class TorchvisionBlock(nn.Module):
     the layers and ``residual``. ``downsample``: None (identity shortcut) or 1x1 conv + BN."""
 
     expansion = 1
+    relu_of_sum = True  # see backbone.models.resnet.BasicBlock
     downsample: nn.Module | None
     downsamples: bool  # downsample is not None; a plain attribute (see backbone.models.resnet.BasicBlock)
 
