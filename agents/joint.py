@@ -54,15 +54,17 @@ class FinetuneConfig(TrainConfig):
     policy_batch_size: int = 256
     entropy_coef: float = 0.01  # bonus on the policy's entropy: without it the self-critical step collapses to one mask
     # Which masks the backbone trains on: "sampled" from the policy (it sees the policy's
-    # exploration too) or the policy's "greedy" ones (exactly the routing used at inference).
+    # exploration too), the policy's "greedy" ones (exactly the routing used at inference), or
+    # "rungs": a ladder policy's candidate masks, one drawn uniformly per image (slimmable-style:
+    # every path the policy may choose stays good, not only the ones it chooses today).
     backbone_masks: str = "sampled"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.policy_lr <= 0 or self.policy_batch_size < 1 or self.entropy_coef < 0:
             raise ConfigError("finetune.policy_lr must be > 0, policy_batch_size >= 1, entropy_coef >= 0")
-        if self.backbone_masks not in ("sampled", "greedy"):
-            raise ConfigError(f"finetune.backbone_masks must be sampled or greedy, got {self.backbone_masks!r}")
+        if self.backbone_masks not in ("sampled", "greedy", "rungs"):
+            raise ConfigError(f"finetune.backbone_masks must be sampled, greedy or rungs, got {self.backbone_masks!r}")
 
 
 class PolicyGradientStep:
@@ -150,8 +152,13 @@ def joint_finetune(
     """
     policy_step = PolicyGradientStep(pair, policy_set, reward, cfg, seed)
     greedy = cfg.backbone_masks == "greedy"
+    if cfg.backbone_masks == "rungs" and pair.ladder is None:
+        raise ConfigError("finetune.backbone_masks: rungs needs a ladder policy (policy.action: ladder)")
 
     def sample_masks(images: torch.Tensor, labels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        if cfg.backbone_masks == "rungs":
+            rungs = torch.randint(0, pair.ladder.shape[0], (images.shape[0],), generator=gen, device=gen.device)
+            return pair.ladder[rungs.to(pair.ladder.device)]
         # SB3 samples with the global torch RNG (not ``gen``); train() checkpoints that RNG too.
         return pair.decide(images, deterministic=greedy)
 

@@ -71,6 +71,42 @@ def test_greedy_backbone_masks_are_the_pairs_own(monkeypatch):
         _cfg(backbone_masks="random")
 
 
+def test_rungs_backbone_masks_train_every_rung_of_the_ladder(monkeypatch):
+    """backbone_masks: rungs draws one of the ladder's masks per image, uniformly, whatever the
+    policy would choose: every rung's path is fine-tuned (slimmable-style)."""
+    import agents.joint as joint
+
+    torch.manual_seed(0)
+    backbone = build_resnet(8, num_classes=4, width=4)
+    data = make_synthetic(192, num_classes=4, seed=1)
+    train_set, policy_set = split_train_val(data, 0.5, seed=0)
+    ladder = torch.tensor([[0, 0, 0], [1, 0, 0], [1, 1, 0], [1, 1, 1]], dtype=torch.bool)
+    cfg = PolicyConfig(action="ladder", observation="stem", num_envs=8, n_steps=4)
+    task = SkipTask(backbone, policy_set, RewardConfig(lam=0.05), observation="stem", ladder=ladder)
+    pair = make_dynamic_model(cfg, backbone, build_model(cfg, make_vec_env(task, cfg), seed=0, device="cpu"), ladder)
+    drawn = []
+    train = joint.train
+
+    def spy(*args, mask_sampler, **kwargs):
+        def sampler(images, labels, gen):
+            masks = mask_sampler(images, labels, gen)
+            drawn.append(masks)
+            return masks
+        return train(*args, mask_sampler=sampler, **kwargs)
+
+    monkeypatch.setattr(joint, "train", spy)
+    joint_finetune(pair, train_set, policy_set, None, RewardConfig(lam=0.05), _cfg(epochs=1, backbone_masks="rungs"))
+    masks = torch.cat(drawn)
+    assert len(masks) == len(train_set) // 32 * 32
+    rung = (masks[:, None, :] == ladder[None]).all(2)  # which rung each mask is
+    assert rung.any(1).all()  # only the ladder's masks
+    counts = rung.sum(0).float()
+    assert (counts > 0.6 * len(masks) / 4).all(), counts  # every rung, about a quarter each
+    pair_without_ladder = _setup()[0]
+    with pytest.raises(ConfigError, match="ladder"):
+        joint_finetune(pair_without_ladder, train_set, policy_set, None, RewardConfig(lam=0.05), _cfg(backbone_masks="rungs"))
+
+
 def test_pair_checkpoint_holds_both_and_resumes(setup, tmp_path):
     pair, model, train_set, policy_set, reward = setup
     joint_finetune(pair, train_set, policy_set, None, reward, _cfg(epochs=1), checkpoint_dir=tmp_path)
