@@ -25,6 +25,9 @@ convolutions (index work: gathers and scatters; other: BatchNorm, ReLU, adds, ..
 minor page faults per forward (``backbone.cpu_allocator``: memory handed back to the kernel and
 faulted in again, the cause of the unstable efficiencies on an AMD EPYC, see docs/results.md).
 
+``--max-ranges 0`` turns off the inference path that runs a block on contiguous slices of the
+rows sorted by mask (every split block then gathers and scatters, as before 2026-12-06, session 3).
+
 ImageNet scale: ``--arch tv_resnet50 --bench skipping`` runs torchvision's ResNet-50 (16 blocks)
 at 224 px, the family's size (``--image-size`` overrides it), at batch 1 and 32 unless ``--batch``
 says otherwise; the other benches use the CIFAR archs of ``--arch`` and are skipped without one.
@@ -48,6 +51,7 @@ from backbone.cpu_allocator import allocator_setting
 from backbone.models.cost import median_times, peak_memory_mb
 from backbone.data.datasets import make_synthetic
 from backbone.errors import ConfigError
+from backbone.models import masked
 from backbone.models.resnet import build_resnet
 from backbone.models.torchvision_resnet import is_torchvision_name, parse_torchvision_name
 from backbone.training.loop import resolve_device
@@ -261,6 +265,9 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="ResNet-56 only, fewer repeats")
     parser.add_argument("--amp", action="store_true", help="skipping cases under bf16 autocast (CUDA)")
     parser.add_argument("--compile", action="store_true", help="skipping cases with torch.compile'd blocks (compile_blocks)")
+    parser.add_argument("--max-ranges", type=int, default=None,
+                        help="a block runs on slices of the sorted batch when its kept rows form at most this many "
+                             "ranges (default: backbone.models.masked.MAX_RANGES; 0: always gather and scatter)")
     parser.add_argument("--image-size", type=int, default=None,
                         help="skipping cases' input size (default: the family's, 32 CIFAR / 224 torchvision)")
     parser.add_argument("--json", type=Path, default=None, help="write the records to this file")
@@ -276,10 +283,14 @@ def main(argv=None) -> None:
         device = resolve_device(args.device)
         if any(not 0 < p <= 1 for p in args.keep) or any(b < 1 for b in args.batch or [1]):
             raise ConfigError("keep rates must be in (0, 1] and batch sizes >= 1")
+        if args.max_ranges is not None and args.max_ranges < 0:
+            raise ConfigError(f"--max-ranges must be >= 0, got {args.max_ranges}")
         for arch in filter(is_torchvision_name, args.arch):
             parse_torchvision_name(arch)  # a bad name fails now, not after the first cases
     except ConfigError as exc:
         parser.error(str(exc))
+    if args.max_ranges is not None:
+        masked.MAX_RANGES = args.max_ranges
     archs = ["resnet56"] if args.quick else args.arch
     batches = args.batch or ([1, 256, 1024] if device.type == "cuda" else [1, 256])
     records = []

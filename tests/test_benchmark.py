@@ -43,6 +43,28 @@ def test_bad_arguments_exit_with_a_message(capsys):
     with pytest.raises(SystemExit) as exit_info:
         benchmark.main(["--keep", "1.5"])
     assert exit_info.value.code == 2 and "keep rates" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main(["--max-ranges", "-1"])
+    assert exit_info.value.code == 2 and "--max-ranges" in capsys.readouterr().err
+
+
+def test_max_ranges_0_times_the_gather_path(tmp_path, monkeypatch):
+    """``--max-ranges 0`` (recorded) sends every split block through gather and scatter; by
+    default the benchmark's few-mask case runs every block on slices, with no gather."""
+    from backbone.models import masked
+
+    monkeypatch.setattr(masked, "MAX_RANGES", masked.MAX_RANGES)  # restored after the test
+    gathers = {}
+    take_rows = masked.take_rows
+    monkeypatch.setattr(masked, "take_rows", lambda x, rows: gathers.__setitem__(ranges, gathers[ranges] + 1) or take_rows(x, rows))
+    for ranges in ("0", str(masked.MAX_RANGES)):
+        gathers[ranges] = 0
+        out = tmp_path / f"bench{ranges}.json"
+        benchmark.main(["--arch", "resnet20", "--batch", "32", "--keep", "0.5", "--masks", "patterns", "--bench", "skipping",
+                        "--repeats", "1", "--warmup", "0", "--max-ranges", ranges, "--json", str(out)])
+        (record,) = json.loads(out.read_text())["records"]
+        assert record["max_ranges"] == int(ranges)
+    assert gathers["0"] > 0 and gathers[str(masked.MAX_RANGES)] == 0
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message on a machine without CUDA")

@@ -20,8 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from backbone.models.fused import conv_bn
+from backbone.models import masked
 from backbone.models.masked import (
-    MAX_RANGES,
     call_block,
     check_keep_mask,
     contiguous_order,
@@ -239,7 +239,7 @@ class SkippableResNet(nn.Module):
             else:
                 column = keep_cpu[:, i]
                 runs = kept_ranges(column) if ranges_ok else None
-                if runs is not None and len(runs) <= MAX_RANGES:
+                if runs is not None and len(runs) <= masked.MAX_RANGES:
                     x = run_block_masked(block, x, None, None, None, True, call, runs)
                     continue
                 keep_rows = column.nonzero().squeeze(1).to(device, non_blocking=True)
