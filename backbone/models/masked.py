@@ -4,10 +4,11 @@ Every model kind (CIFAR ResNets, torchvision's BasicBlock and Bottleneck) and ev
 masked forward of ``SkippableResNet``, the env, the gates, the sequential policy) runs blocks
 through :func:`run_block_masked`, so a skipped block costs nothing anywhere: a block runs only on
 its kept rows (gathered, then scattered back), and a skipped downsampling block applies its
-shortcut so shapes fit. At inference the masked forward first sorts the rows by mask
-(:func:`contiguous_order`), so that most blocks find their kept rows in a few contiguous ranges
-and run on views of the batch, with no gather or scatter at all. Measurements of what this
-costs: docs/results.md, "Real skipping".
+shortcut so shapes fit. At inference the masked forward keeps the rows sorted by mask
+(:class:`SortedRows`, :func:`contiguous_order`): every block finds its kept rows in a few
+contiguous ranges and runs on views of the batch, adding its residual in place, and the rows
+are re-sorted (one gather) only when a block's rows have scattered. Measurements of what this
+costs: docs/results.md, "Real skipping" and "Rows sorted by mask".
 """
 
 from __future__ import annotations
@@ -108,16 +109,15 @@ def _run_block_on_ranges(block: nn.Module, x: torch.Tensor, runs: list[tuple[int
     return out
 
 
-#: A block whose kept rows form at most this many contiguous ranges runs on views of them instead
-#: of a gather and a scatter (docs/results.md, "contiguous ranges").
+#: A block whose kept rows form at most this many contiguous ranges runs on views of them; one
+#: with more has the rows re-sorted first (SortedRows). 0: the gather-and-scatter path instead
+#: (``experiments.benchmark --max-ranges 0`` times it against this one).
 MAX_RANGES = 4
 
 
-def contiguous_order(keep: torch.Tensor, min_blocks_gained: int = 0) -> torch.Tensor | None:
+def contiguous_order(keep: torch.Tensor) -> torch.Tensor | None:
     """A row order (a permutation) in which the rows that keep each block of ``keep`` (a (rows,
-    blocks) bool CPU mask) lie in few contiguous ranges; None where the order as it is serves
-    as well: already sorted, or fewer than ``min_blocks_gained`` blocks newly within
-    ``MAX_RANGES`` ranges.
+    blocks) bool CPU mask) lie in few contiguous ranges; None where the rows are already in it.
 
     Rows are sorted by their masks in reflected-Gray-code order of the blocks whose rows split,
     the first block most significant: rows sharing a mask become neighbours, the first block's
@@ -134,12 +134,44 @@ def contiguous_order(keep: torch.Tensor, min_blocks_gained: int = 0) -> torch.Te
     order = np.lexsort(gray_rank.T[::-1])  # lexsort's last key is the primary one; stable
     if (order[1:] > order[:-1]).all():
         return None
-    if min_blocks_gained > 0:
-        ranges = lambda m: np.count_nonzero(np.diff(m.astype(np.int8), axis=0, prepend=0, append=0) == 1, axis=0)  # noqa: E731
-        gained = (ranges(bits[order]) <= MAX_RANGES) & (ranges(bits) > MAX_RANGES)
-        if int(gained.sum()) < min_blocks_gained:
-            return None
     return torch.from_numpy(order)
+
+
+class SortedRows:
+    """The rows of one masked forward at inference, kept in an order of their own.
+
+    A block whose kept rows form at most ``MAX_RANGES`` ranges runs on slices; one whose rows
+    lie scattered first has the whole batch re-sorted (one gather of every row, in
+    :func:`contiguous_order` of this block and the ones after it), after which it and the next
+    few blocks find their rows in one or two ranges. A row gather is ~3.5x cheaper per byte than
+    the scatter that the gather path pays per block (docs/results.md), so one gather of all rows
+    every few blocks costs less than a gather and a scatter of the kept rows at every block.
+    """
+
+    def __init__(self, keep: torch.Tensor):
+        self.keep = keep  # (rows, blocks) bool, CPU, in the current order
+        self.order: torch.Tensor | None = None  # current position -> the caller's row
+
+    def ranges(self, x: torch.Tensor, block: int) -> tuple[torch.Tensor, list[tuple[int, int]] | None]:
+        """``x`` (re-sorted if that pays) and the ranges of ``block``'s kept rows in it, or None
+        where the block should gather (MAX_RANGES 0)."""
+        runs = kept_ranges(self.keep[:, block])
+        if len(runs) <= MAX_RANGES:
+            return x, runs
+        if MAX_RANGES == 0:
+            return x, None
+        perm = contiguous_order(self.keep[:, block:])
+        self.keep = self.keep[perm]
+        self.order = perm if self.order is None else self.order[perm]
+        return take_rows(x, perm.to(x.device)), kept_ranges(self.keep[:, block])
+
+    def restore(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` with its rows back in the caller's order (a gather, not a scatter)."""
+        if self.order is None:
+            return x
+        inverse = torch.empty_like(self.order)
+        inverse[self.order] = torch.arange(len(self.order))
+        return take_rows(x, inverse.to(x.device))
 
 
 def kept_ranges(column: torch.Tensor) -> list[tuple[int, int]]:

@@ -20,16 +20,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from backbone.models.fused import conv_bn
-from backbone.models import masked
 from backbone.models.masked import (
+    SortedRows,
     call_block,
     check_keep_mask,
     contiguous_order,
-    kept_ranges,
     memory_format_of,
-    put_rows,
     run_block_masked,
-    take_rows,
 )
 
 #: Per-channel input statistics; the model normalises its own input (uint8 or float in [0, 1]).
@@ -197,8 +194,8 @@ class SkippableResNet(nn.Module):
         return torch.empty_like(logits).index_copy_(0, order, logits)
 
     def _inference_order(self, keep_mask: torch.Tensor | None, batch: int) -> torch.Tensor | None:
-        # Only without autograd: the ranges path writes into its input (run_block_masked).
-        if keep_mask is None or batch < 2 or torch.is_grad_enabled():
+        # Only at inference: the ranges path writes into its input (run_block_masked).
+        if keep_mask is None or batch < 2 or torch.is_grad_enabled() or self.training:
             return None
         return contiguous_order(check_keep_mask(keep_mask, batch, self.num_blocks))
 
@@ -219,17 +216,12 @@ class SkippableResNet(nn.Module):
         # plain shorter network, and with a few distinct masks only the blocks they disagree
         # on pay for a gather and a scatter.
         kept_by_all, kept_by_none = keep_cpu.all(0).tolist(), (~keep_cpu.any(0)).tolist()
-        # Without autograd, a block whose kept rows lie in a few contiguous ranges (rows sorted by
-        # mask: forward() sorts the images) runs on views of them, with no gather or scatter.
-        ranges_ok = not with_gate and not torch.is_grad_enabled()
+        # Without autograd the rows are kept sorted by mask (masked.SortedRows): a block whose
+        # kept rows lie in a few contiguous ranges runs on views of them, with no gather or
+        # scatter; forward() sorts the images, so the first re-sort here is rarely needed.
+        # (Eval mode only: in training mode BatchNorm would normalise each range on its own.)
+        rows = SortedRows(keep_cpu) if not (with_gate or torch.is_grad_enabled() or self.training) else None
         device = x.device
-        # Sorting an activation (the stem's output, when a policy looked at it before deciding)
-        # costs a gather of every row and unsorting the result one more: about the gathers and
-        # scatters of two stage-1 blocks, so only when more blocks than that get few ranges.
-        order = contiguous_order(keep_cpu, min_blocks_gained=3) if ranges_ok else None
-        if order is not None:
-            keep_cpu, order = keep_cpu[order], order.to(device)
-            x = take_rows(x, order)
         for i, block in enumerate(self._blocks):
             if kept_by_none[i]:
                 if block.downsamples:  # an identity shortcut needs no call at all
@@ -237,20 +229,19 @@ class SkippableResNet(nn.Module):
             elif kept_by_all[i]:
                 x = call(block, x, keep_mask[:, i] if with_gate else None)
             else:
+                if rows is not None:
+                    x, runs = rows.ranges(x, i)
+                    if runs is not None:
+                        x = run_block_masked(block, x, None, None, None, True, call, runs)
+                        continue
                 column = keep_cpu[:, i]
-                runs = kept_ranges(column) if ranges_ok else None
-                if runs is not None and len(runs) <= masked.MAX_RANGES:
-                    x = run_block_masked(block, x, None, None, None, True, call, runs)
-                    continue
                 keep_rows = column.nonzero().squeeze(1).to(device, non_blocking=True)
                 skip_rows = (~column).nonzero().squeeze(1).to(device, non_blocking=True)
                 gate = keep_mask[keep_rows, i] if with_gate else None
                 # x is this forward's own intermediate: without autograd it may be overwritten.
                 inplace = not (torch.is_grad_enabled() and x.requires_grad)
                 x = run_block_masked(block, x, keep_rows, skip_rows, gate, inplace, call)
-        if order is not None:
-            x = put_rows(torch.empty_like(x), order, x)
-        return x
+        return rows.restore(x) if rows is not None else x
 
 
 class CifarResNet(SkippableResNet):
