@@ -60,7 +60,7 @@ def test_max_ranges_0_times_the_gather_path(tmp_path, monkeypatch):
     for ranges in ("0", str(masked.MAX_RANGES)):
         gathers[ranges] = 0
         out = tmp_path / f"bench{ranges}.json"
-        benchmark.main(["--arch", "resnet20", "--batch", "32", "--keep", "0.5", "--masks", "patterns", "--bench", "skipping",
+        benchmark.main(["--arch", "resnet20", "--batch", "64", "--keep", "0.5", "--masks", "patterns", "--bench", "skipping",
                         "--repeats", "1", "--warmup", "0", "--max-ranges", ranges, "--json", str(out)])
         (record,) = json.loads(out.read_text())["records"]
         assert record["max_ranges"] == int(ranges)

@@ -113,6 +113,9 @@ def _run_block_on_ranges(block: nn.Module, x: torch.Tensor, runs: list[tuple[int
 #: with more has the rows re-sorted first (SortedRows). 0: the gather-and-scatter path instead
 #: (``experiments.benchmark --max-ranges 0`` times it against this one).
 MAX_RANGES = 4
+#: ... and only when every range holds at least this many rows: a block called on a range of 1-2
+#: rows runs its convolutions at batch 1-2, up to 1.5x slower per image (ResNet-50, 224 px).
+MIN_RANGE_ROWS = 8
 
 
 def contiguous_order(keep: torch.Tensor) -> torch.Tensor | None:
@@ -155,11 +158,11 @@ class SortedRows:
     def ranges(self, x: torch.Tensor, block: int) -> tuple[torch.Tensor, list[tuple[int, int]] | None]:
         """``x`` (re-sorted if that pays) and the ranges of ``block``'s kept rows in it, or None
         where the block should gather (MAX_RANGES 0)."""
-        runs = kept_ranges(self.keep[:, block])
-        if len(runs) <= MAX_RANGES:
-            return x, runs
         if MAX_RANGES == 0:
             return x, None
+        runs = kept_ranges(self.keep[:, block])
+        if len(runs) == 1 or (len(runs) <= MAX_RANGES and min(b - a for a, b in runs) >= MIN_RANGE_ROWS):
+            return x, runs
         perm = contiguous_order(self.keep[:, block:])
         self.keep = self.keep[perm]
         self.order = perm if self.order is None else self.order[perm]
