@@ -143,10 +143,10 @@ def contiguous_order(keep: torch.Tensor) -> torch.Tensor | None:
 class SortedRows:
     """The rows of one masked forward at inference, kept in an order of their own.
 
-    A block whose kept rows form at most ``MAX_RANGES`` ranges runs on slices; one whose rows
-    lie scattered first has the whole batch re-sorted (one gather of every row, in
+    A block whose kept rows form at most ``MAX_RANGES`` ranges of ``MIN_RANGE_ROWS`` rows or more
+    (or one range) runs on slices; one whose rows lie scattered first has the whole batch re-sorted (one gather of every row, in
     :func:`contiguous_order` of this block and the ones after it), after which it and the next
-    few blocks find their rows in one or two ranges. A row gather is ~3.5x cheaper per byte than
+    few blocks find their rows in one or two ranges. A row gather is 2.3-4x cheaper per byte than
     the scatter that the gather path pays per block (docs/results.md), so one gather of all rows
     every few blocks costs less than a gather and a scatter of the kept rows at every block.
     """
@@ -164,6 +164,8 @@ class SortedRows:
         if len(runs) == 1 or (len(runs) <= MAX_RANGES and min(b - a for a, b in runs) >= MIN_RANGE_ROWS):
             return x, runs
         perm = contiguous_order(self.keep[:, block:])
+        if perm is None:  # already in that order (cannot leave this block's rows split; a guard)
+            return x, runs
         self.keep = self.keep[perm]
         self.order = perm if self.order is None else self.order[perm]
         return take_rows(x, perm.to(x.device)), kept_ranges(self.keep[:, block])
