@@ -28,7 +28,6 @@ def run_block_masked(
     gate: torch.Tensor | None = None,
     inplace: bool = False,
     call: Callable[..., torch.Tensor] | None = None,
-    runs: list[tuple[int, int]] | None = None,
 ) -> torch.Tensor:
     """Run ``block`` only on rows ``keep_rows``; rows ``skip_rows`` take the shortcut.
 
@@ -40,13 +39,8 @@ def run_block_masked(
     Each block runs on exactly its kept rows: a convolution's time is linear in the row count, so
     padding the count up to a multiple of 8 or 16 (fewer distinct shapes) only adds work
     (measured: efficiency 0.80 instead of 0.89, docs/results.md).
-    ``runs``: the kept rows as contiguous ``(start, stop)`` ranges (see :func:`contiguous_order`);
-    then, without autograd and gate and with ``inplace``, the block runs on views of those ranges
-    and writes into them, with no gather and no scatter (``keep_rows``/``skip_rows`` unused).
     """
     call = call or call_block
-    if runs is not None and inplace and gate is None and not torch.is_grad_enabled():
-        return _run_block_on_ranges(block, x, runs, call)
     if skip_rows.numel() == 0:
         return call(block, x, gate)
     if keep_rows.numel() == 0:
@@ -79,7 +73,12 @@ def run_block_masked(
     return out
 
 
-def _run_block_on_ranges(block: nn.Module, x: torch.Tensor, runs: list[tuple[int, int]], call) -> torch.Tensor:
+def run_block_on_ranges(block: nn.Module, x: torch.Tensor, runs: list[tuple[int, int]],
+                        call: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
+    """At inference (no autograd, eval mode), ``block`` on the rows ``x[start:stop]`` of ``runs``;
+    the other rows take the shortcut. Writes into ``x`` (identity shortcut): only for an
+    intermediate nobody else needs (``SortedRows`` gives the ranges)."""
+    call = call or call_block
     # A slice of rows is a contiguous view in either layout: the block reads it where it lies and
     # (identity shortcut) adds its residual into it, so the gather and the scatter of the kept
     # rows (two copies of them each) disappear. Memory: the block's intermediates for the

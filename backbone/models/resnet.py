@@ -27,6 +27,7 @@ from backbone.models.masked import (
     contiguous_order,
     memory_format_of,
     run_block_masked,
+    run_block_on_ranges,
 )
 
 #: Per-channel input statistics; the model normalises its own input (uint8 or float in [0, 1]).
@@ -232,7 +233,7 @@ class SkippableResNet(nn.Module):
                 if rows is not None:
                     x, runs = rows.ranges(x, i)
                     if runs is not None:
-                        x = run_block_masked(block, x, None, None, None, True, call, runs)
+                        x = run_block_on_ranges(block, x, runs, call)
                         continue
                 column = keep_cpu[:, i]
                 keep_rows = column.nonzero().squeeze(1).to(device, non_blocking=True)
