@@ -195,7 +195,7 @@ class SkippableResNet(nn.Module):
         return torch.empty_like(logits).index_copy_(0, order, logits)
 
     def _inference_order(self, keep_mask: torch.Tensor | None, batch: int) -> torch.Tensor | None:
-        # Only at inference: the ranges path writes into its input (run_block_masked).
+        # Only at inference: the ranges path writes into its input (run_block_on_ranges).
         if keep_mask is None or batch < 2 or torch.is_grad_enabled() or self.training:
             return None
         return contiguous_order(check_keep_mask(keep_mask, batch, self.num_blocks))
