@@ -58,3 +58,33 @@ def test_a_model_in_eval_mode_predicts_the_same_folded():
     unfolded = model(x)  # autograd on: BatchNorm as it is
     with torch.no_grad():
         torch.testing.assert_close(model(x), unfolded.detach(), rtol=1e-4, atol=1e-4)
+
+
+def test_in_place_block_sum_equals_the_out_of_place_one_with_gradients():
+    """add_relu_ writes relu(shortcut + residual) into the residual: same values, same gradients
+    through a training-mode block (BatchNorm's backward does not read its output), and PyTorch's
+    type promotion kept where the dtypes differ."""
+    from backbone.models.fused import add_relu_
+
+    torch.manual_seed(0)
+    residual, shortcut = torch.randn(3, 4, 5, 5), torch.randn(3, 4, 5, 5)
+    expected = torch.relu(shortcut + residual)
+    out = add_relu_(residual, shortcut)
+    assert torch.equal(out, expected) and out.data_ptr() == residual.data_ptr()
+    mixed = add_relu_(torch.randn(2, 3).bfloat16(), torch.randn(2, 3))
+    assert mixed.dtype == torch.float32
+
+    def block_grads(in_place: bool):
+        torch.manual_seed(1)
+        model = build_resnet("resnet8", num_classes=3).train()
+        block = model.blocks[1]
+        x = torch.randn(4, model.blocks[0].out_planes, 8, 8, requires_grad=True)
+        h = block.residual(x)
+        y = add_relu_(h, block.shortcut(x)) if in_place else torch.relu(block.shortcut(x) + h)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        return y.detach(), x.grad, [p.grad for p in block.parameters()]
+
+    (y1, gx1, gp1), (y2, gx2, gp2) = block_grads(True), block_grads(False)
+    assert torch.equal(y1, y2) and torch.equal(gx1, gx2)
+    for a, b in zip(gp1, gp2):  # BatchNorm's parameter gradients are sums: rounding may differ
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

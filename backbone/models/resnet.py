@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from backbone.models.fused import conv_bn
+from backbone.models.fused import add_relu_, conv_bn
 from backbone.models.masked import (
     SortedRows,
     call_block,
@@ -110,7 +110,7 @@ class BasicBlock(nn.Module):
         self.downsamples = not isinstance(self.shortcut, nn.Identity)
 
     def residual(self, x: torch.Tensor) -> torch.Tensor:
-        return conv_bn(self.conv2, self.bn2, F.relu(conv_bn(self.conv1, self.bn1, x)))
+        return conv_bn(self.conv2, self.bn2, F.relu(conv_bn(self.conv1, self.bn1, x), inplace=True))
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
         residual = self.residual(x)
@@ -118,7 +118,7 @@ class BasicBlock(nn.Module):
             # gate is 1 for every row that gets here; multiplying keeps the value and lets a
             # differentiable gate receive d(loss)/d(gate) = <grad, residual>.
             residual = residual * gate.view(-1, 1, 1, 1).to(residual.dtype)
-        return F.relu(self.shortcut(x) + residual)
+        return add_relu_(residual, self.shortcut(x))
 
     def skip(self, x: torch.Tensor) -> torch.Tensor:
         """What a row whose keep bit is clear gets: the shortcut alone."""
@@ -323,7 +323,7 @@ class CifarResNet(SkippableResNet):
         x = x.contiguous(memory_format=memory_format_of(self.conv1.weight))
         scale = self.input_scale_uint8 if x.dtype == torch.uint8 else self.input_scale
         x = torch.addcmul(self.input_shift, x.float(), scale)
-        return F.relu(conv_bn(self.conv1, self.bn1, x))
+        return F.relu(conv_bn(self.conv1, self.bn1, x), inplace=True)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))

@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from backbone.errors import CheckpointError, ConfigError
-from backbone.models.fused import conv_bn
+from backbone.models.fused import add_relu_, conv_bn
 from backbone.models.masked import memory_format_of
 from backbone.models.resnet import SkippableResNet, _normalization, build_resnet
 
@@ -56,7 +56,7 @@ class TorchvisionBlock(nn.Module):
             # gate is 1 for every row that gets here; multiplying keeps the value and lets a
             # differentiable gate receive d(loss)/d(gate) = <grad, residual>.
             residual = residual * gate.view(-1, 1, 1, 1).to(residual.dtype)
-        return F.relu(self.skip(x) + residual, inplace=True)  # in place: the sum is a fresh tensor
+        return add_relu_(residual, self.skip(x))
 
 
 class TorchvisionBasicBlock(TorchvisionBlock):
