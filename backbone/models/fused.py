@@ -74,7 +74,7 @@ def add_relu_(residual: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
     output, or its product with a gate); none of their backward passes reads it, so this is safe
     under autograd too. Summing in place saves allocating and writing a new activation and a
     second pass for the ReLU: at batch 256 the out-of-place sum and ReLU took ~8% of a ResNet-56
-    forward (docs/results.md, "In-place sums"). Where the dtypes differ (autocast) or the shapes
+    forward (docs/results.md, "In-place residual sums"). Where the dtypes differ (autocast) or the shapes
     broadcast, the out-of-place sum keeps PyTorch's type promotion.
     """
     if residual.dtype == shortcut.dtype and residual.shape == shortcut.shape:
