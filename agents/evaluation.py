@@ -9,7 +9,7 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 
 from agents.adaptivity import adaptivity, difficulty_groups
 from agents.pair import DynamicModel, greedy_decisions
-from backbone.models.cost import count_flops, measure_backbone_cost, median_times, time_per_block, time_share
+from backbone.models.cost import count_flops, measure_backbone_cost, median_times, time_per_block
 from envs.block_skip import SkipTask
 
 
@@ -99,7 +99,8 @@ def pair_latency(pair: DynamicModel, dataset, batch: int, stream: int, repeats: 
     ``breakdown``: also where the pair's time goes. The masked backbone alone on the policy's
     masks is timed interleaved with the other two (``policy_ms``: the pair minus it, within one
     measurement); ``kept_time_share`` is the share of the full forward's time those masks keep by
-    per-block times, the time of a runner that skips at no cost. FLOPs undercount blocks that are
+    per-block times (skipped downsampling blocks' shortcuts included), the time of a runner that
+    skips at no cost. FLOPs undercount blocks that are
     slow per FLOP: ``cost_model_efficiency`` (that share against the FLOPs ratio) is this part of
     the gap, ``runner_efficiency`` the runner's; efficiency ≈ their product × the masked
     backbone's share of the pair's time.
@@ -116,7 +117,7 @@ def pair_latency(pair: DynamicModel, dataset, batch: int, stream: int, repeats: 
             if breakdown:
                 fns["masked"] = lambda: [backbone(x, m) for x, m in zip(chunks, chunk_masks)]
             times = median_times(fns, device, warmup=warmup, repeats=repeats)
-            block_ms, fixed_ms = time_per_block(backbone, chunks[0], device, repeats) if breakdown else (None, None)
+            block_times = time_per_block(backbone, chunks[0], device, repeats) if breakdown else None
         masks = torch.cat(chunk_masks).cpu()
         flops_ratio = cost.full_flops / (cost.mask_flops(masks).mean().item() + policy_flops)
         time_ratio = times["full"] / times["dynamic"]
@@ -125,7 +126,7 @@ def pair_latency(pair: DynamicModel, dataset, batch: int, stream: int, repeats: 
                "flops_ratio": flops_ratio, "efficiency": time_ratio / flops_ratio,
                "distinct_masks": int(torch.unique(masks, dim=0).shape[0]), "dtype": "float32"}
         if breakdown:
-            share = time_share(masks, block_ms, fixed_ms)
+            share = block_times.share(masks)
             row.update(masked_backbone_ms=times["masked"] * 1e3 / len(chunks), kept_time_share=share,
                        policy_ms=(times["dynamic"] - times["masked"]) * 1e3 / len(chunks),
                        runner_efficiency=times["full"] * share / times["masked"],

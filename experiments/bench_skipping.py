@@ -12,7 +12,7 @@ import torch
 from backbone.cpu_allocator import allocator_setting
 from backbone.errors import ConfigError
 from backbone.models import masked
-from backbone.models.cost import measure_backbone_cost, median_ratio, median_times, peak_memory_mb, time_per_block, time_share
+from backbone.models.cost import measure_backbone_cost, median_ratio, median_times, peak_memory_mb, time_per_block
 from backbone.models.torchvision_resnet import build_backbone, is_torchvision_name
 
 
@@ -59,7 +59,7 @@ def bench_skipping(arch: str, batch: int, keep_rates, mask_kinds, device, warmup
         faults = {name: page_faults_per_call(fn, calls) for name, fn in fns.items()}  # the state the timing saw
         memory = {name: peak_memory_mb(fn, device) for name, fn in fns.items()}
         where = {key: time_by_op_kind(fns[key]) for key in masks}
-        block_ms, fixed_ms = time_per_block(model, x, device, repeats)
+        block_times = time_per_block(model, x, device, repeats)
     records = []
     for (kind, keep_rate), stream in masks.items():
         mask = torch.cat(stream).cpu()
@@ -94,7 +94,7 @@ def bench_skipping(arch: str, batch: int, keep_rates, mask_kinds, device, warmup
             # that keep it; stem and head always), over the masked time's share. A block's time per FLOP differs by
             # stage (a 32x32 stage-1 block is ~1.4x slower per FLOP than an 8x8 one here), so this
             # one isolates the skipping machinery: gathers, scatters and per-call overheads.
-            "runner_efficiency": times["full"] * 1e3 / calls * time_share(mask, block_ms, fixed_ms) / masked_ms,
+            "runner_efficiency": times["full"] * 1e3 / calls * block_times.share(mask) / masked_ms,
             "peak_memory_full_mb": memory["full"],
             "peak_memory_masked_mb": memory[(kind, keep_rate)],
             # How many different row counts each block's convolutions ran with (a new count is a

@@ -10,8 +10,8 @@ record per case:
 - ``flops_ratio`` = FLOPs full / FLOPs masked and ``time_ratio`` = time full / time masked;
 - ``efficiency`` = time_ratio / flops_ratio: 1.0 means every saved FLOP is saved time;
 - ``runner_efficiency``: the share of the full forward's time its kept blocks take (per-block
-  times, plus stem and head) over the masked/full time: 1.0 means skipping costs nothing beyond
-  the blocks that run. It differs from
+  times, plus stem, head and the shortcuts that skipped downsampling blocks still run) over the
+  masked/full time: 1.0 means skipping costs nothing beyond the work that runs. It differs from
   ``efficiency`` where a mask keeps blocks that are slower per FLOP than the average (stage 1).
 
 Mask kinds: ``random`` (every block kept independently with the keep rate, per image) and

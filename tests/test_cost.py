@@ -48,3 +48,21 @@ def test_stem_params_are_all_but_blocks_and_classifier_for_both_families():
     cost = measure_backbone_cost(tv, image_size=64)
     assert cost.stem_params == 64 * 3 * 7 * 7 + 2 * 64 and cost.total_params == count_params(tv)
     assert cost.head_params == 512 * 10 + 10
+
+
+def test_time_share_counts_the_shortcuts_that_skipped_downsampling_blocks_still_run():
+    from backbone.models.cost import BlockTimes, time_per_block
+
+    model = build_resnet(8, num_classes=10, shortcut="B", width=8).eval()
+    with torch.no_grad():
+        times = time_per_block(model, torch.zeros(4, 3, 32, 32), torch.device("cpu"), repeats=3)
+    downsamples = torch.tensor([b.downsamples for b in model.blocks])
+    assert ((times.skip > 0) == downsamples).all() and (times.block > 0).all() and times.fixed > 0
+
+    made_up = BlockTimes(torch.tensor([2.0, 4.0, 6.0]), torch.tensor([0.0, 1.0, 0.5]), fixed=1.0)
+    assert made_up.share(torch.ones(2, 3, dtype=torch.bool)) == 1.0
+    # Nothing kept: stem, head and the two downsampling shortcuts, of 13 ms in all.
+    assert made_up.share(torch.zeros(2, 3, dtype=torch.bool)) == pytest.approx((1.0 + 1.5) / 13.0)
+    # Half the rows keep block 1: half its time, half its shortcut.
+    half = torch.tensor([[1, 1, 1], [1, 0, 1]], dtype=torch.bool)
+    assert made_up.share(half) == pytest.approx((1.0 + 2.0 + 2.0 + 0.5 + 6.0) / 13.0)

@@ -158,21 +158,39 @@ def median_ratio(numerator: list[float], denominator: list[float]) -> float:
     return statistics.median(a / b for a, b in zip(numerator, denominator))
 
 
-def time_per_block(model, x: torch.Tensor, device, repeats: int) -> tuple[torch.Tensor, float]:
-    """(ms per block on the whole batch ``x``, ms of stem and head): each block timed on its own
-    input from a full forward (median of ``repeats``)."""
+@dataclass
+class BlockTimes:
+    """Wall-clock pieces of a full forward on one batch, in ms: ``block`` each block, ``skip`` each
+    block's shortcut alone (what a row that skips a downsampling block still runs; 0 for an
+    identity shortcut), ``fixed`` stem and head."""
+
+    block: torch.Tensor
+    skip: torch.Tensor
+    fixed: float
+
+    def share(self, mask: torch.Tensor) -> float:
+        """The share of the full forward's time that a runner skipping at no cost would take on
+        ``mask`` (rows, blocks): the kept blocks, the skipped downsampling blocks' shortcuts (as
+        the FLOPs count them: a ResNet-50's 1x1 downsampling convolution is real work), stem and head."""
+        kept = mask.float().mean(0)
+        masked = float((kept * self.block).sum() + ((1 - kept) * self.skip).sum())
+        return (self.fixed + masked) / (self.fixed + float(self.block.sum()))
+
+
+def time_per_block(model, x: torch.Tensor, device, repeats: int) -> BlockTimes:
+    """Each block, and each downsampling block's shortcut, timed on its own input from a full
+    forward on ``x`` (median of ``repeats``)."""
     inputs = [model.stem(x)]
     for block in model.blocks:
         inputs.append(block(inputs[-1]))
     fns = {"stem": lambda: model.stem(x), "head": lambda: model.head(inputs[-1])}
     fns.update({i: (lambda b=b, h=h: b(h)) for i, (b, h) in enumerate(zip(model.blocks, inputs))})
+    fns.update({("skip", i): (lambda b=b, h=h: b.skip(h)) for i, (b, h) in enumerate(zip(model.blocks, inputs)) if b.downsamples})
     times = median_times(fns, device, warmup=1, repeats=max(3, repeats))
-    return torch.tensor([times[i] * 1e3 for i in range(model.num_blocks)]), (times["stem"] + times["head"]) * 1e3
-
-
-def time_share(mask: torch.Tensor, block_ms: torch.Tensor, fixed_ms: float) -> float:
-    """The share of a full forward's time that ``mask`` (rows, blocks) keeps, from per-block times."""
-    return (fixed_ms + float((mask.float().mean(0) * block_ms).sum())) / (fixed_ms + float(block_ms.sum()))
+    n = model.num_blocks
+    return BlockTimes(torch.tensor([times[i] * 1e3 for i in range(n)]),
+                      torch.tensor([times.get(("skip", i), 0.0) * 1e3 for i in range(n)]),
+                      (times["stem"] + times["head"]) * 1e3)
 
 
 class _PeakAllocated(TorchDispatchMode):
