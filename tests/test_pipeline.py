@@ -266,3 +266,30 @@ def test_a_tagged_policy_is_loaded_with_its_own_stage_config(study, tmp_path):
                 cwd=tmp_path, module="experiments.benchmark")
     assert timed.returncode == 0, timed.stderr[-2000:]
     assert {r["model"] for r in json.loads((tmp_path / "seq.json").read_text())["records"]} == {"seq"}
+
+
+def test_batchnorm_recalibration_cli_scores_every_rung_and_the_policy_both_ways(study, tmp_path):
+    """experiments.recalibrate on a ladder policy: a row per rung, every test image routed once,
+    and the policy's accuracy with the backbone's own statistics is what experiments.evaluate says."""
+    import shutil
+
+    work, _ = study
+    shutil.copytree(work / "runs" / "tiny", tmp_path / "runs" / "tiny")
+    shutil.copy(work / "tiny.yaml", tmp_path)
+    trained = run("--config", "tiny.yaml", "--tag", "rungs", "--set", "policy.action=ladder", cwd=tmp_path,
+                  module="experiments.train_policy")
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    result = run("--run", "runs/tiny", "--tag", "rungs", "--images", "64", "--json", cwd=tmp_path,
+                 module="experiments.recalibrate")
+    assert result.returncode == 0, result.stderr[-2000:]
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    ladder = json.loads((tmp_path / "runs" / "tiny" / "rungs" / "ladder.json").read_text())["masks"]
+    assert [r["blocks"] for r in data["rungs"]] == [m.count("1") for m in ladder] and data["calibration_images"] == 64
+    assert sum(r["policy_images"] for r in data["rungs"]) == data["test_images"] == 120
+    assert all(0 <= r[k] <= 1 for r in data["rungs"] for k in ("accuracy", "accuracy_recalibrated"))
+    evaluated = run("--run", "runs/tiny", "--tag", "rungs", "--json", cwd=tmp_path, module="experiments.evaluate")
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    assert data["policy"]["accuracy"] == pytest.approx(json.loads(evaluated.stdout)["accuracy"])
+    # The run's main policy decides keep bits, not rungs: one clear error.
+    bits = run("--run", "runs/tiny", cwd=tmp_path, module="experiments.recalibrate")
+    assert bits.returncode == 2 and "no ladder policy" in bits.stderr

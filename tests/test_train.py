@@ -325,3 +325,29 @@ def test_resume_on_cuda_is_exact_with_deterministic_kernels(tiny_data, tmp_path)
     tolerance = 1e-3 if any("deterministic" in str(w.message) for w in caught) else 0.0
     for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=tolerance)
+
+
+def test_batchnorm_recalibration_averages_a_paths_statistics_and_leaves_the_model_alone():
+    from backbone.training.evaluation import recalibrate_batchnorm
+
+    torch.manual_seed(0)
+    model = build_resnet("resnet8", num_classes=4, width=4).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    images = torch.randint(0, 256, (48, 3, 32, 32), dtype=torch.uint8)
+    path = torch.tensor([True, False, True])
+    net = recalibrate_batchnorm(model, images, path, batch_size=16)  # three batches of 16
+    assert not net.training and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    # The stem's statistics: the average over the batches of each batch's mean and (unbiased)
+    # variance of its convolution, every batch weighing the same (not a momentum average).
+    with torch.no_grad():
+        x = torch.addcmul(model.input_shift, images.float(), model.input_scale_uint8)
+        conv = model.conv1(x).split(16)
+    torch.testing.assert_close(net.bn1.running_mean, torch.stack([c.mean((0, 2, 3)) for c in conv]).mean(0),
+                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(net.bn1.running_var, torch.stack([c.var((0, 2, 3)) for c in conv]).mean(0),
+                               rtol=1e-4, atol=1e-5)
+    # The skipped block's BatchNorms never saw an image: reset, unlike the kept ones.
+    assert torch.equal(net.blocks[1].bn1.running_mean, torch.zeros(4 * 2))
+    assert not torch.equal(net.blocks[2].bn1.running_mean, model.blocks[2].bn1.running_mean)
+    with torch.no_grad():
+        assert net(images[:4], path.expand(4, -1)).shape == (4, 4)

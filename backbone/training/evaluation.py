@@ -60,3 +60,30 @@ def scores(logits: torch.Tensor, labels: torch.Tensor) -> dict:
         "loss": F.cross_entropy(logits, labels).item(),
         "num_images": len(labels),
     }
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: CifarResNet, images: torch.Tensor, keep_mask: torch.Tensor | None = None,
+                          batch_size: int = 256) -> CifarResNet:
+    """A copy of ``model`` (eval mode) whose BatchNorm statistics are re-estimated on ``images``
+    (uint8, on the model's device) run with ``keep_mask`` (one row: every image takes that path;
+    None: all blocks); no weight changes. Each statistic is the plain average of the per-batch
+    ones over the batches of ``batch_size`` (PyTorch's cumulative average, ``momentum=None``).
+
+    A network trained with every block sees other activation statistics once blocks are skipped;
+    re-estimating them for one path costs one pass over a few thousand images and shows how much
+    of that path's accuracy loss is statistics rather than weights (``experiments.recalibrate``).
+    The copy is only valid for that path: BatchNorms of skipped blocks keep reset statistics.
+    """
+    import copy
+
+    net = copy.deepcopy(model)
+    for m in net.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average over every batch, not an exponential one
+    net.train()
+    for start in range(0, len(images), batch_size):
+        x = images[start:start + batch_size]
+        net(x, None if keep_mask is None else keep_mask.reshape(1, -1).expand(len(x), -1))
+    return net.eval()

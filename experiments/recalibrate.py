@@ -1,0 +1,108 @@
+"""How much of a skipped path's accuracy loss is BatchNorm statistics? ``python -m experiments.recalibrate --run DIR [--tag T] [--images N] [--json]``.
+
+A backbone trained with every block (or with stochastic depth) normalises each block's input
+with statistics of the full network; once blocks are skipped, the activations they see change.
+For every mask of the run's fixed-subset ladder this re-estimates the BatchNorm statistics on
+``--images`` training images run through that mask (``backbone.training.evaluation.
+recalibrate_batchnorm``: no weights change) and scores the test split with the backbone's own
+statistics and with the path's. Then the trained ladder policy ``--tag`` (before fine-tuning,
+on the pretrained backbone) is scored both ways: each test image through the rung the policy
+picks, with one set of statistics for all rungs or with its rung's own. The difference says
+whether per-path statistics (switchable BatchNorm, as slimmable networks use per width) would
+help the policy, and how much of a fixed subset's fine-tuning gain a pass of statistics alone
+gives.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from backbone.data.datasets import load_splits
+from backbone.errors import ConfigError
+from backbone.models.cost import measure_backbone_cost
+from backbone.training.evaluation import recalibrate_batchnorm
+from experiments.common import cli, load_policy
+from experiments.config import load_config
+from experiments.pretrain import backbone_path, load_backbone
+from experiments.train_policy import load_ladder, policy_dir
+
+
+@torch.no_grad()
+def _logits(net, images: torch.Tensor, mask: torch.Tensor, chunk: int = 500) -> torch.Tensor:
+    return torch.cat([net(x, mask.reshape(1, -1).expand(len(x), -1)) for x in images.split(chunk)])
+
+
+@torch.no_grad()
+def recalibration_study(run_dir: Path, tag: str = "policy", num_images: int = 2560, seed: int = 0) -> dict:
+    from agents.rl import make_dynamic_model
+
+    directory = policy_dir(run_dir, tag)
+    if not (run_dir / "config.yaml").exists() or not backbone_path(run_dir).exists():
+        raise ConfigError(f"{run_dir} is not a run directory with a backbone (config.yaml, backbone.pt)")
+    ladder = load_ladder(directory) if (directory / "policy.zip").exists() else None
+    if ladder is None:
+        raise ConfigError(f"{directory} holds no ladder policy (policy.zip and ladder.json): train one with "
+                          f"experiments.train_policy and policy.action: ladder")
+    if num_images < 1:
+        raise ConfigError(f"--images must be at least 1, got {num_images}")
+    cfg = load_config(directory / "config.yaml" if (directory / "config.yaml").exists() else run_dir / "config.yaml")
+    backbone = load_backbone(run_dir).eval()
+    splits = load_splits(cfg.data)
+    if not hasattr(splits.train, "images"):
+        raise ConfigError("experiments.recalibrate needs an in-memory dataset (not a streamed one)")
+    pick = torch.randperm(len(splits.train), generator=torch.Generator().manual_seed(seed))[:num_images]
+    calibration, test = splits.train.images[pick], splits.test
+    model = load_policy(directory / "policy.zip", cfg.policy.algo, backbone, cfg.policy.env, backbone_path(run_dir))
+    pair = make_dynamic_model(cfg.policy, backbone, model, ladder).eval()
+    rungs = torch.cat([(pair.decide(x).unsqueeze(1) == ladder.unsqueeze(0)).all(2).float().argmax(1)
+                       for x in test.images.split(500)])
+    cost = measure_backbone_cost(backbone)
+    rows, correct_own, correct_path = [], 0, 0
+    for r, mask in enumerate(ladder):
+        own = _logits(backbone, test.images, mask).argmax(1) == test.labels
+        path = _logits(recalibrate_batchnorm(backbone, calibration, mask), test.images, mask).argmax(1) == test.labels
+        routed = rungs == r
+        correct_own, correct_path = correct_own + int(own[routed].sum()), correct_path + int(path[routed].sum())
+        rows.append({"rung": r, "blocks": int(mask.sum()), "flops_ratio": cost.mask_flops(mask).item() / cost.full_flops,
+                     "accuracy": own.float().mean().item(), "accuracy_recalibrated": path.float().mean().item(),
+                     "policy_images": int(routed.sum())})
+    policy_flops = sum(row["flops_ratio"] * row["policy_images"] for row in rows) / len(rungs)
+    return {"run": str(run_dir), "tag": tag, "calibration_images": len(calibration), "test_images": len(rungs),
+            "rungs": rows, "policy": {"flops_ratio": policy_flops, "accuracy": correct_own / len(rungs),
+                                      "accuracy_per_rung_statistics": correct_path / len(rungs)}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", type=Path, required=True, help="a run directory with a trained ladder policy")
+    parser.add_argument("--tag", default="policy", help="which of the run's policies (e.g. lam0.055)")
+    parser.add_argument("--images", type=int, default=2560, help="training images per path for the statistics")
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    parser.add_argument("--debug", action="store_true")
+
+    def run(args) -> None:
+        result = recalibration_study(args.run, args.tag, args.images)
+        if args.json:
+            json.dump(result, sys.stdout)
+            print()
+            return
+        print(f"BatchNorm statistics per path ({result['calibration_images']} training images each), "
+              f"test top-1 on {result['test_images']} images:")
+        print(f"{'rung':>5}{'blocks':>8}{'FLOPs':>8}{'own stats':>11}{'path stats':>12}{'policy images':>15}")
+        for r in result["rungs"]:
+            print(f"{r['rung']:>5}{r['blocks']:>8}{r['flops_ratio']:>8.3f}{100 * r['accuracy']:>10.2f}%"
+                  f"{100 * r['accuracy_recalibrated']:>11.2f}%{r['policy_images']:>15}")
+        p = result["policy"]
+        print(f"policy {result['tag']} at {p['flops_ratio']:.3f} of the FLOPs: {100 * p['accuracy']:.2f}% with the "
+              f"backbone's statistics, {100 * p['accuracy_per_rung_statistics']:.2f}% with each rung's own")
+
+    cli(run, parser)
+
+
+if __name__ == "__main__":
+    main()
