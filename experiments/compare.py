@@ -327,14 +327,19 @@ def run_compare(cfg: ExperimentConfig, resume: bool = False, splits: Splits | No
     tic = time.perf_counter()
 
     curves = {FULL: [point(1.0, evaluate(backbone, splits.test)["accuracy"], pretrain_time)]}
-    # The same fine-tuning budget on the full network: what the extra epochs alone are worth.
-    tuned, tuned_time = finetuned_on_masks(cfg, backbone, "full", None, splits, resume)
-    curves[FULL_FT] = [point(1.0, evaluate(tuned, splits.test)["accuracy"], pretrain_time + tuned_time)]
+    leave_out = set(cfg.study.leave_out)
+    if "full_finetune" not in leave_out:
+        # The same fine-tuning budget on the full network: what the extra epochs alone are worth.
+        tuned, tuned_time = finetuned_on_masks(cfg, backbone, "full", None, splits, resume)
+        curves[FULL_FT] = [point(1.0, evaluate(tuned, splits.test)["accuracy"], pretrain_time + tuned_time)]
     subsets, bound = fixed_subsets(cfg, backbone, cost, splits, pretrain_time, resume)
     curves.update(subsets)
-    curves.update(random_dropping(cfg, backbone, cost, splits, pretrain_time, resume))
-    curves[GATES] = gates_for_budgets(cfg, backbone, splits, device, pretrain_time, resume)
-    curves[STATIC] = static_networks(cfg, backbone, cost, splits, device, resume)
+    if "random_dropping" not in leave_out:
+        curves.update(random_dropping(cfg, backbone, cost, splits, pretrain_time, resume))
+    if "gates" not in leave_out:
+        curves[GATES] = gates_for_budgets(cfg, backbone, splits, device, pretrain_time, resume)
+    if "static" not in leave_out:
+        curves[STATIC] = static_networks(cfg, backbone, cost, splits, device, resume)
 
     result = {
         "budgets": list(cfg.study.budgets),
@@ -343,6 +348,7 @@ def run_compare(cfg: ExperimentConfig, resume: bool = False, splits: Splits | No
         "fixed_subset_search": bound["ladder"],
         "static_recipe": {"epochs": static_recipe(cfg).epochs, "stochastic_depth": 0.0, **static_description(cfg, backbone)},
         "finetune_budget": {"epochs": cfg.finetune.epochs, "images": len(splits.train)},
+        "left_out": sorted(leave_out),
         "wall_time_s": time.perf_counter() - tic,
     }
     result = with_policy_curves(result, metrics if policy_metrics is None else policy_metrics)

@@ -71,6 +71,10 @@ class ModelConfig:
             raise ConfigError(f"model.width must be >= 1, got {self.width}")
 
 
+#: What ``study.leave_out`` may name: the comparison's methods other than the fixed subsets.
+LEAVE_OUT = ("full_finetune", "random_dropping", "gates", "static")
+
+
 @dataclass
 class StudyConfig:
     """What ``experiments.run`` does beyond one policy: the comparison at matched compute, a λ
@@ -88,6 +92,9 @@ class StudyConfig:
     """
 
     baselines: bool = True  # gates, static ResNets, random dropping, fixed subsets at the budgets
+    # Methods the comparison leaves out (the fixed subsets, its reference, always run): e.g.
+    # [static, gates] for a fine-tuning-budget study where the from-scratch networks take hours.
+    leave_out: list = field(default_factory=list)
     budgets: list = field(default_factory=lambda: [0.5, 0.7])
     lambdas: list = field(default_factory=list)  # extra policies, one per λ: the accuracy-vs-FLOPs curve
     seeds: typing.Optional[list] = None  # the whole study per seed (mean ± std); null: just the top-level seed
@@ -110,6 +117,8 @@ class StudyConfig:
             raise ConfigError("study.seeds must be a non-empty list of integers")
         if self.search_images is not None and self.search_images < 1:
             raise ConfigError("study.search_images must be >= 1 (or null: all the policy's images)")
+        if not isinstance(self.leave_out, list) or any(m not in LEAVE_OUT for m in self.leave_out):
+            raise ConfigError(f"study.leave_out must be a list of {', '.join(LEAVE_OUT)}; got {self.leave_out!r}")
         if self.static_epochs is not None and self.static_epochs < 1:
             raise ConfigError("study.static_epochs must be >= 1 (or null: the pretraining epochs)")
         if self.latency_batch < 1 or self.latency_repeats < 1 or self.latency_stream < 1:

@@ -194,6 +194,8 @@ CASES = [
     Case("fraction_of_1", override("data.val_fraction=1", command=stage("run", "--overwrite")),
          ("data.val_fraction", "must be in [0, 1)")),
     Case("batch_size_0", override("pretrain.batch_size=0"), ("pretrain.batch_size", "must be >= 1")),
+    Case("unknown_left_out_method", override("study.leave_out=[gates,stattic]", command=stage("compare")),
+         ("study.leave_out", "full_finetune, random_dropping, gates, static", "stattic")),
     Case("finetune_batch_size_0", override("finetune.batch_size=0", command=stage("finetune", "--overwrite")),
          ("finetune.batch_size", ">= 1")),
     Case("depth_not_6n_plus_2", override("model.arch=resnet21"), ("model.arch 'resnet21'", "must be 6n+2")),

@@ -293,3 +293,21 @@ def test_batchnorm_recalibration_cli_scores_every_rung_and_the_policy_both_ways(
     # The run's main policy decides keep bits, not rungs: one clear error.
     bits = run("--run", "runs/tiny", cwd=tmp_path, module="experiments.recalibrate")
     assert bits.returncode == 2 and "no ladder policy" in bits.stderr
+
+
+def test_the_comparison_leaves_out_the_methods_it_is_told_to(study, tmp_path):
+    """study.leave_out: a fine-tuning-budget study can run the fixed subsets alone (the
+    from-scratch networks of a real backbone take hours); the report's curves say what ran."""
+    import shutil
+
+    work, _ = study
+    shutil.copytree(work / "runs" / "tiny", tmp_path / "runs" / "tiny")
+    shutil.copy(work / "tiny.yaml", tmp_path)
+    result = run("--config", "tiny.yaml", "--set", "study.leave_out=[full_finetune,random_dropping,gates,static]",
+                 cwd=tmp_path, module="experiments.compare")
+    assert result.returncode == 0, result.stderr[-2000:]
+    compare = json.loads((tmp_path / "runs" / "tiny" / "metrics.json").read_text())["compare"]
+    assert set(compare["curves"]) == {"full backbone", "fixed subset", "fixed subset + fine-tuning", "RL policy",
+                                      "RL policy + joint fine-tuning"}
+    assert compare["left_out"] == ["full_finetune", "gates", "random_dropping", "static"]
+    assert compare["curves"]["fixed subset + fine-tuning"] and compare["headline"][0]["winner"] in compare["curves"]
