@@ -53,6 +53,10 @@ class PolicyConfig:
     # subsets of each size, found exhaustively on the policy's images: Discrete(L+1))
     action: str = "blocks"
     ladder_search: str = "best"  # ladder: best subset of each size (exhaustive/beam) | nested (greedy elimination)
+    # ladder: only the rungs of at least this many blocks. The card's reward sends an image that
+    # no rung classifies to the empty rung, so after fine-tuning (which could make many of them
+    # right) those images still get nothing; a floor keeps a path for every image (0: all rungs).
+    ladder_min_blocks: int = 0
     stem_grid: int = 4  # stem observation: average-pool the stem's output to this grid (plus channel stds)
     extractor: str = "tiny"  # tiny | resnet: the policy's image network (pixels only)
     extractor_width: int = 16
@@ -97,6 +101,8 @@ class PolicyConfig:
             (self.observation in ("pixels", "stem"), f"policy.observation must be pixels or stem, got {self.observation!r}"),
             (self.action in ("blocks", "ladder"), f"policy.action must be blocks or ladder, got {self.action!r}"),
             (self.ladder_search in ("best", "nested"), f"policy.ladder_search must be best or nested, got {self.ladder_search!r}"),
+            (self.ladder_min_blocks >= 0, f"policy.ladder_min_blocks must be >= 0, got {self.ladder_min_blocks}"),
+            (self.ladder_min_blocks == 0 or self.action == "ladder", "policy.ladder_min_blocks needs policy.action: ladder"),
             (not (self.action == "ladder" and self.env == "sequential"), "policy.action: ladder is for the oneshot env"),
             (not (self.action == "ladder" and self.curriculum), "policy.curriculum needs policy.action: blocks"),
             (self.stem_grid >= 1, "policy.stem_grid must be >= 1"),

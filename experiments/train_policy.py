@@ -133,10 +133,15 @@ def run_ladder(cfg: ExperimentConfig, backbone, splits: Splits, nested: bool = F
 
 
 def policy_ladder(cfg: ExperimentConfig, backbone, splits: Splits, out_dir: Path) -> torch.Tensor | None:
-    """For ``policy.action: ladder``: the run's ladder (``run_ladder``), also saved beside the policy."""
+    """For ``policy.action: ladder``: the run's ladder (``run_ladder``), its rungs of at least
+    ``policy.ladder_min_blocks`` blocks, also saved beside the policy."""
     if cfg.policy.env != "oneshot" or cfg.policy.action != "ladder":
         return None
     masks = run_ladder(cfg, backbone, splits, nested=cfg.policy.ladder_search == "nested")["masks"]
+    masks = masks[masks.sum(1) >= cfg.policy.ladder_min_blocks]
+    if len(masks) < 2:
+        raise ConfigError(f"policy.ladder_min_blocks {cfg.policy.ladder_min_blocks} leaves {len(masks)} rung(s) of the "
+                          f"{backbone.num_blocks}-block backbone's ladder: a policy needs at least two to choose from")
     save_ladder(out_dir, masks)
     return masks
 

@@ -37,6 +37,8 @@ def test_overrides_are_typed_and_nested():
         ("name=a/b", "plain directory name"),
         ("pretrain=3", "pretrain must be a mapping"),
         ("novalue", "key=value"),
+        ("policy.ladder_min_blocks=-1", "policy.ladder_min_blocks must be >= 0"),
+        ("study.leave_out=[gates,stattic]", "study.leave_out must be a list of"),
     ],
 )
 def test_bad_values_name_the_field(override, message):

@@ -276,14 +276,17 @@ def test_batchnorm_recalibration_cli_scores_every_rung_and_the_policy_both_ways(
     work, _ = study
     shutil.copytree(work / "runs" / "tiny", tmp_path / "runs" / "tiny")
     shutil.copy(work / "tiny.yaml", tmp_path)
-    trained = run("--config", "tiny.yaml", "--tag", "rungs", "--set", "policy.action=ladder", cwd=tmp_path,
-                  module="experiments.train_policy")
+    # A floor of one block: the empty rung is not the policy's to choose (policy.ladder_min_blocks).
+    trained = run("--config", "tiny.yaml", "--tag", "rungs", "--set", "policy.action=ladder", "--set",
+                  "policy.ladder_min_blocks=1", cwd=tmp_path, module="experiments.train_policy")
     assert trained.returncode == 0, trained.stderr[-2000:]
     result = run("--run", "runs/tiny", "--tag", "rungs", "--images", "64", "--json", cwd=tmp_path,
                  module="experiments.recalibrate")
     assert result.returncode == 0, result.stderr[-2000:]
     data = json.loads(result.stdout.strip().splitlines()[-1])
     ladder = json.loads((tmp_path / "runs" / "tiny" / "rungs" / "ladder.json").read_text())["masks"]
+    run_ladder = json.loads((tmp_path / "runs" / "tiny" / "ladder.json").read_text())["masks"]
+    assert ladder == [m for m in run_ladder if m.count("1") >= 1] and len(ladder) == len(run_ladder) - 1
     assert [r["blocks"] for r in data["rungs"]] == [m.count("1") for m in ladder] and data["calibration_images"] == 64
     assert sum(r["policy_images"] for r in data["rungs"]) == data["test_images"] == 120
     assert all(0 <= r[k] <= 1 for r in data["rungs"] for k in ("accuracy", "accuracy_recalibrated"))
