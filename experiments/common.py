@@ -308,6 +308,24 @@ class _NoWriter:
         return lambda *args, **kwargs: None
 
 
+def report_parser(description: str, run_help: str) -> argparse.ArgumentParser:
+    """The parser of a script that reports on a run directory: ``--run``, ``--json``, ``--debug``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--run", type=Path, required=True, help=run_help)
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    parser.add_argument("--debug", action="store_true")
+    return parser
+
+
+def print_report(result: dict, as_json: bool, print_text: Callable[[dict], None]) -> None:
+    """``result`` as one JSON line on stdout (``--json``, for scripts), else ``print_text(result)``."""
+    if as_json:
+        json.dump(result, sys.stdout)
+        print()
+    else:
+        print_text(result)
+
+
 def cli(
     main: Callable[[argparse.Namespace], int | None],
     parser: argparse.ArgumentParser,

@@ -13,9 +13,7 @@ is decoded into memory once for it.
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -30,7 +28,7 @@ from backbone.data.streaming import in_memory
 from backbone.errors import ConfigError
 from backbone.models.weights import load_model
 from backbone.training.loop import resolve_device
-from experiments.common import cli, load_policy, owning, tensorboard_writer, update_metrics
+from experiments.common import cli, load_policy, owning, print_report, report_parser, tensorboard_writer, update_metrics
 from experiments.config import load_config
 from experiments.finetune import finetune_dir, finetune_section
 from experiments.pretrain import backbone_path
@@ -38,21 +36,22 @@ from experiments.report import plot_examples, write_report
 from experiments.train_policy import load_ladder, policy_dir
 
 
-def final_pair_paths(run_dir: Path, tag: str = "policy") -> tuple[str, Path, Path]:
-    """(name, backbone, policy) of the run's final dynamic model of policy ``tag``: fine-tuned if it exists."""
-    if (finetune_dir(run_dir, tag) / "policy.zip").exists():
+def final_pair_paths(run_dir: Path, tag: str = "policy", finetuned: bool = True) -> tuple[str, Path, Path]:
+    """(name, backbone, policy) of the run's final dynamic model of policy ``tag``: fine-tuned if it
+    exists (and ``finetuned``; else the policy on the pretrained backbone)."""
+    if finetuned and (finetune_dir(run_dir, tag) / "policy.zip").exists():
         return finetune_section(tag), finetune_dir(run_dir, tag) / "backbone.pt", finetune_dir(run_dir, tag) / "policy.zip"
     if (policy_dir(run_dir, tag) / "policy.zip").exists():
         return tag, backbone_path(run_dir), policy_dir(run_dir, tag) / "policy.zip"
     raise ConfigError(f"{run_dir} has no trained policy (policy.zip): run experiments.train_policy first")
 
 
-def load_final_pair(run_dir: Path, tag: str = "policy"):
+def load_final_pair(run_dir: Path, tag: str = "policy", finetuned: bool = True):
     """(config, name, SB3 model, ladder or None, the pair as a DynamicModel, device) of the run's
-    final dynamic model of policy ``tag`` (fine-tuned if it exists)."""
+    final dynamic model of policy ``tag`` (fine-tuned if it exists and ``finetuned``)."""
     if not (run_dir / "config.yaml").exists():
         raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
-    name, backbone_file, policy_file = final_pair_paths(run_dir, tag)
+    name, backbone_file, policy_file = final_pair_paths(run_dir, tag, finetuned)
     # The stage's own config: a policy trained with --tag may differ from the run's (λ, env, ...).
     stage_config = policy_file.parent / "config.yaml"
     cfg = load_config(stage_config if stage_config.exists() else run_dir / "config.yaml")
@@ -115,25 +114,20 @@ def examples_by_difficulty(pair: DynamicModel, dataset, groups: torch.Tensor, pe
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", type=Path, required=True, help="run directory, e.g. runs/quickstart")
+    parser = report_parser(__doc__.splitlines()[0], "run directory, e.g. runs/quickstart")
     parser.add_argument("--split", default="test", choices=("train", "val", "test"))
     parser.add_argument("--tag", default="policy", help="policy to evaluate when there is no fine-tuned pair")
-    parser.add_argument("--json", action="store_true", help="print the evaluation as one JSON object")
-    parser.add_argument("--debug", action="store_true")
 
     def run(args) -> None:
-        result = evaluate_run(args.run, args.split, args.tag)
-        if args.json:
-            json.dump(result, sys.stdout)
-            print()
-        else:
+        def print_text(result: dict) -> None:
             print(f"{result['model']} on {args.split}: top-1 {result['accuracy']:.4f}, blocks {result['blocks_used']:.2f} "
                   f"± {result['blocks_used_std']:.2f}, FLOPs ratio {result['flops_ratio']:.3f} (policy included)")
             for row in result.get("latency", []):
                 print(f"  batch {row['batch']}: full {row['full_ms']:.2f} ms, dynamic {row['dynamic_ms']:.2f} ms, "
                       f"time ratio {row['time_ratio']:.2f} vs FLOPs ratio {row['flops_ratio']:.2f}")
             print(f"report: {args.run / 'report.md'}")
+
+        print_report(evaluate_run(args.run, args.split, args.tag), args.json, print_text)
 
     # cli() parses again; hand it this parser.
     cli(run, parser)

@@ -23,9 +23,6 @@ probe's curve has learned what the observation allows.
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from pathlib import Path
 
 import torch
@@ -37,7 +34,7 @@ from backbone.data.datasets import load_splits
 from backbone.errors import ConfigError
 from backbone.models.cost import measure_backbone_cost
 from envs.observations import stem_features_of
-from experiments.common import cli
+from experiments.common import cli, print_report, report_parser
 from experiments.compare import predict_correct
 from experiments.config import load_config
 from experiments.curves import accuracy_at, point
@@ -173,17 +170,9 @@ def probe_run(run_dir: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", type=Path, required=True, help="a run directory with a pretrained backbone")
-    parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    parser.add_argument("--debug", action="store_true")
+    parser = report_parser(__doc__.splitlines()[0], "a run directory with a pretrained backbone")
 
-    def run(args) -> None:
-        result = probe_run(args.run)
-        if args.json:
-            json.dump(result, sys.stdout)
-            print()
-            return
+    def print_text(result: dict) -> None:
         print(f"difficulty groups: {result['groups']}; probes fit on {result['train_images']} policy images, "
               f"scored on {result['test_images']} test images")
         for name, r in result["probes"].items():
@@ -201,7 +190,7 @@ def main() -> None:
             print(f"  λ {opt['lam']:<6} top-1 {100 * opt['accuracy']:.2f}%, {opt['blocks_used']:.2f} blocks: {groups}; "
                   f"hardest − easiest {opt['hard_minus_easy_blocks']:+.2f}")
 
-    cli(run, parser)
+    cli(lambda args: print_report(probe_run(args.run), args.json, print_text), parser)
 
 
 if __name__ == "__main__":

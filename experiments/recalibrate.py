@@ -15,9 +15,6 @@ gives.
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from pathlib import Path
 
 import torch
@@ -26,46 +23,35 @@ from backbone.data.datasets import load_splits
 from backbone.errors import ConfigError
 from backbone.models.cost import measure_backbone_cost
 from backbone.training.evaluation import recalibrate_batchnorm
-from experiments.common import cli, load_policy
-from experiments.config import load_config
-from experiments.pretrain import backbone_path, load_backbone
-from experiments.train_policy import load_ladder, policy_dir
-
-
-@torch.no_grad()
-def _logits(net, images: torch.Tensor, mask: torch.Tensor, chunk: int = 500) -> torch.Tensor:
-    return torch.cat([net(x, mask.reshape(1, -1).expand(len(x), -1)) for x in images.split(chunk)])
+from experiments.common import cli, print_report, report_parser
+from experiments.compare import predict_correct
+from experiments.evaluate import load_final_pair
+from experiments.train_policy import policy_dir
 
 
 @torch.no_grad()
 def recalibration_study(run_dir: Path, tag: str = "policy", num_images: int = 2560, seed: int = 0) -> dict:
-    from agents.rl import make_dynamic_model
+    from agents.pair import greedy_decisions
 
-    directory = policy_dir(run_dir, tag)
-    if not (run_dir / "config.yaml").exists() or not backbone_path(run_dir).exists():
-        raise ConfigError(f"{run_dir} is not a run directory with a backbone (config.yaml, backbone.pt)")
-    ladder = load_ladder(directory) if (directory / "policy.zip").exists() else None
-    if ladder is None:
-        raise ConfigError(f"{directory} holds no ladder policy (policy.zip and ladder.json): train one with "
-                          f"experiments.train_policy and policy.action: ladder")
     if num_images < 1:
         raise ConfigError(f"--images must be at least 1, got {num_images}")
-    cfg = load_config(directory / "config.yaml" if (directory / "config.yaml").exists() else run_dir / "config.yaml")
-    backbone = load_backbone(run_dir).eval()
+    cfg, _, _, ladder, pair, device = load_final_pair(run_dir, tag, finetuned=False)
+    if ladder is None:
+        raise ConfigError(f"{policy_dir(run_dir, tag)} holds no ladder policy (policy.zip and ladder.json): train one "
+                          f"with experiments.train_policy and policy.action: ladder")
     splits = load_splits(cfg.data)
     if not hasattr(splits.train, "images"):
         raise ConfigError("experiments.recalibrate needs an in-memory dataset (not a streamed one)")
     pick = torch.randperm(len(splits.train), generator=torch.Generator().manual_seed(seed))[:num_images]
-    calibration, test = splits.train.images[pick], splits.test
-    model = load_policy(directory / "policy.zip", cfg.policy.algo, backbone, cfg.policy.env, backbone_path(run_dir))
-    pair = make_dynamic_model(cfg.policy, backbone, model, ladder).eval()
-    rungs = torch.cat([(pair.decide(x).unsqueeze(1) == ladder.unsqueeze(0)).all(2).float().argmax(1)
-                       for x in test.images.split(500)])
+    backbone, calibration, test = pair.backbone, splits.train.images[pick].to(device), splits.test
+    # A ladder policy's greedy action is the index of its rung.
+    rungs = torch.cat([greedy_decisions(pair.policy, pair.observe(x, backbone.stem(x)))
+                       for x in test.images.to(device).split(500)]).cpu()
     cost = measure_backbone_cost(backbone)
     rows, correct_own, correct_path = [], 0, 0
     for r, mask in enumerate(ladder):
-        own = _logits(backbone, test.images, mask).argmax(1) == test.labels
-        path = _logits(recalibrate_batchnorm(backbone, calibration, mask), test.images, mask).argmax(1) == test.labels
+        own = predict_correct(backbone, test, mask)
+        path = predict_correct(recalibrate_batchnorm(backbone, calibration, mask), test, mask)
         routed = rungs == r
         correct_own, correct_path = correct_own + int(own[routed].sum()), correct_path + int(path[routed].sum())
         rows.append({"rung": r, "blocks": int(mask.sum()), "flops_ratio": cost.mask_flops(mask).item() / cost.full_flops,
@@ -78,19 +64,11 @@ def recalibration_study(run_dir: Path, tag: str = "policy", num_images: int = 25
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", type=Path, required=True, help="a run directory with a trained ladder policy")
+    parser = report_parser(__doc__.splitlines()[0], "a run directory with a trained ladder policy")
     parser.add_argument("--tag", default="policy", help="which of the run's policies (e.g. lam0.055)")
     parser.add_argument("--images", type=int, default=2560, help="training images per path for the statistics")
-    parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    parser.add_argument("--debug", action="store_true")
 
-    def run(args) -> None:
-        result = recalibration_study(args.run, args.tag, args.images)
-        if args.json:
-            json.dump(result, sys.stdout)
-            print()
-            return
+    def print_text(result: dict) -> None:
         print(f"BatchNorm statistics per path ({result['calibration_images']} training images each), "
               f"test top-1 on {result['test_images']} images:")
         print(f"{'rung':>5}{'blocks':>8}{'FLOPs':>8}{'own stats':>11}{'path stats':>12}{'policy images':>15}")
@@ -101,7 +79,7 @@ def main() -> None:
         print(f"policy {result['tag']} at {p['flops_ratio']:.3f} of the FLOPs: {100 * p['accuracy']:.2f}% with the "
               f"backbone's statistics, {100 * p['accuracy_per_rung_statistics']:.2f}% with each rung's own")
 
-    cli(run, parser)
+    cli(lambda args: print_report(recalibration_study(args.run, args.tag, args.images), args.json, print_text), parser)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ stage that scores a model."""
 
 from __future__ import annotations
 
+import copy
 from typing import Callable
 
 import torch
@@ -75,8 +76,6 @@ def recalibrate_batchnorm(model: CifarResNet, images: torch.Tensor, keep_mask: t
     of that path's accuracy loss is statistics rather than weights (``experiments.recalibrate``).
     The copy is only valid for that path: BatchNorms of skipped blocks keep reset statistics.
     """
-    import copy
-
     net = copy.deepcopy(model)
     for m in net.modules():
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
