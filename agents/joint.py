@@ -58,6 +58,11 @@ class FinetuneConfig(TrainConfig):
     # "rungs": a ladder policy's candidate masks, one drawn uniformly per image (slimmable-style:
     # every path the policy may choose stays good, not only the ones it chooses today).
     backbone_masks: str = "sampled"
+    # After joint fine-tuning, train a fresh policy (PPO, ``policy.timesteps``) on the fine-tuned
+    # backbone, frozen, and make it the pair's policy (experiments.finetune): the first policy
+    # chose each image's path on the backbone *before* fine-tuning, and its small policy-gradient
+    # steps during fine-tuning do not keep up with how much the paths' accuracies change.
+    refresh_policy: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -94,6 +94,30 @@ def test_report_numbers_match_an_independent_re_evaluation(study):
         assert recorded[key] == stage[key], key  # the saved pair scores as the stage measured it
 
 
+def test_refreshed_policy_is_the_saved_pairs_and_its_time_is_counted(study):
+    import shutil
+
+    work = study[0]
+    source, target = work / "runs" / "tiny", work / "runs" / "tiny_refresh"
+    target.mkdir()
+    for name in ("backbone.pt", "config.yaml", "ladder.json"):
+        shutil.copy(source / name, target / name)
+    shutil.copytree(source / "policy", target / "policy")
+    metrics = json.loads((source / "metrics.json").read_text())
+    (target / "metrics.json").write_text(json.dumps({"pretrain": metrics["pretrain"], "policy": metrics["policy"]}))
+    result = run("--config", "tiny.yaml", "--set", "name=tiny_refresh", "--set", "finetune.refresh_policy=true",
+                 cwd=work, module="experiments.finetune")
+    assert result.returncode == 0, result.stderr[-3000:]
+    stage = json.loads((target / "metrics.json").read_text())["finetune"]
+    assert stage["train_time_s"] == pytest.approx(stage["joint_train_time_s"] + stage["refresh_time_s"])
+    assert stage["refresh_time_s"] > 0 and "accuracy" in stage["test_before_refresh"]
+    assert (target / "finetune" / "refresh" / "last.zip").exists()
+    again = evaluate_run(target)  # the saved pair is the refreshed policy on the fine-tuned backbone
+    assert again["model"] == "finetune"
+    for key in ("accuracy", "blocks_used", "flops", "keep_rate_per_block"):
+        assert again[key] == stage["test"][key], key
+
+
 def test_resume_skips_finished_stages_and_refuses_silent_overwrite(study):
     work, _ = study
     again = run("--config", "tiny.yaml", "--resume", cwd=work)
