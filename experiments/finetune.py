@@ -40,7 +40,8 @@ from experiments.common import (
 )
 from experiments.config import ExperimentConfig
 from experiments.pretrain import backbone_path, load_backbone
-from experiments.train_policy import load_ladder, policy_dir, policy_images, save_ladder, test_groups, test_images
+from experiments.train_policy import (load_ladder, policy_dir, policy_images, save_ladder, test_groups, test_images,
+                                     training_tasks)
 
 
 def finetune_section(tag: str = "policy") -> str:
@@ -88,11 +89,9 @@ def run_finetune(cfg: ExperimentConfig, tag: str = "policy", resume: bool = Fals
         # The jointly fine-tuned policy, for the record, then a fresh one on the fine-tuned backbone.
         metrics["test_before_refresh"] = evaluate_policy_on(model, test_task, p.env, extra_flops=policy_flops(model, test_task, p.env),
                                                             groups=groups)
-        model, refresh = train_policy(
-            p, make_skip_task(p, pair.backbone, train_images, device, ladder), out_dir / "refresh",
-            make_skip_task(p, pair.backbone, eval_images, device, ladder) if len(eval_images) else None,
-            seed=cfg.seed, resume=resume, tb_dir=run_dir / "tb" / f"{section}_refresh",
-        )
+        task, eval_task = training_tasks(cfg, pair.backbone, (train_images, eval_images), device, ladder)
+        model, refresh = train_policy(p, task, out_dir / "refresh", eval_task, seed=cfg.seed, resume=resume,
+                                      tb_dir=run_dir / "tb" / f"{section}_refresh")
         metrics["refresh_time_s"] = refresh["train_time_s"]
     save_atomic(model, out_dir / "policy.zip")  # model.policy is the fine-tuned (or refreshed) network itself
     if ladder is not None:

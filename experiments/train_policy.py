@@ -102,12 +102,16 @@ def test_images(splits: Splits) -> ImageDataset:
 def policy_tasks(cfg: ExperimentConfig, backbone: SkippableResNet, splits: Splits, device,
                  ladder: torch.Tensor | None = None) -> tuple[SkipTask, SkipTask | None, SkipTask]:
     """(training, held-out evaluation, test) tasks sharing one backbone."""
-    p = cfg.policy
-    train_images, eval_images = policy_images(cfg, splits)
-    task = make_skip_task(p, backbone, train_images, device, ladder)
-    eval_task = make_skip_task(p, backbone, eval_images, device, ladder) if len(eval_images) else None
-    test_task = make_skip_task(p, backbone, test_images(splits), device, ladder)
-    return task, eval_task, test_task
+    task, eval_task = training_tasks(cfg, backbone, policy_images(cfg, splits), device, ladder)
+    return task, eval_task, make_skip_task(cfg.policy, backbone, test_images(splits), device, ladder)
+
+
+def training_tasks(cfg: ExperimentConfig, backbone: SkippableResNet, images: tuple[ImageDataset, ImageDataset], device,
+                   ladder: torch.Tensor | None = None) -> tuple[SkipTask, SkipTask | None]:
+    """(training, held-out evaluation) tasks on ``images`` (``policy_images``), sharing one backbone."""
+    train_images, eval_images = images
+    task = make_skip_task(cfg.policy, backbone, train_images, device, ladder)
+    return task, make_skip_task(cfg.policy, backbone, eval_images, device, ladder) if len(eval_images) else None
 
 
 def run_ladder(cfg: ExperimentConfig, backbone, splits: Splits, nested: bool = False) -> dict:
