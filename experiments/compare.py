@@ -188,13 +188,14 @@ def gates_for_budgets(cfg, backbone, splits, device, pretrain_time, resume) -> l
 
 
 def static_recipe(cfg: ExperimentConfig):
-    """The static networks' recipe: the backbone's, from scratch, without stochastic depth."""
+    """The static networks' recipe: the backbone's, from scratch, without stochastic depth or distillation."""
     epochs = cfg.study.static_epochs or cfg.pretrain.epochs
     if epochs < 1:
         raise ConfigError("the backbone is imported (pretrain.epochs: 0): set study.static_epochs, the "
                           "from-scratch budget of the static networks (e.g. the imported backbone's epochs)")
     warmup = min(cfg.pretrain.warmup_epochs, max(0.0, epochs - 1))
-    return dataclasses.replace(cfg.pretrain, epochs=epochs, stochastic_depth=0.0, warmup_epochs=warmup)
+    # From scratch: no trained model to distil from at the start.
+    return dataclasses.replace(cfg.pretrain, epochs=epochs, stochastic_depth=0.0, warmup_epochs=warmup, distill=0.0)
 
 
 def static_start(cfg: ExperimentConfig, backbone) -> str:

@@ -144,6 +144,9 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name or self.name in (".", ".."):
             raise ConfigError(f"name must be a plain directory name, got {self.name!r}")
+        if self.pretrain.distill > 0 and self.model.init_checkpoint is None and self.model.weights is None:
+            raise ConfigError("pretrain.distill distils from the weights the run starts from: it needs "
+                              "model.init_checkpoint or model.weights (from scratch there is no teacher)")
 
     @property
     def run_dir(self) -> Path:

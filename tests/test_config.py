@@ -38,6 +38,8 @@ def test_overrides_are_typed_and_nested():
         ("pretrain=3", "pretrain must be a mapping"),
         ("novalue", "key=value"),
         ("policy.ladder_min_blocks=-1", "policy.ladder_min_blocks must be >= 0"),
+        ("finetune.distill=-1", "distill must be >= 0"),
+        ("pretrain.distill=1", "pretrain.distill distils from the weights the run starts from"),
         ("study.leave_out=[gates,stattic]", "study.leave_out must be a list of"),
     ],
 )

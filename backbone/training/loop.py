@@ -50,6 +50,8 @@ from backbone.training.recipe import (  # noqa: F401  (re-exported: the loop's p
     autocast,
     build_optimizer,
     build_scheduler,
+    distillation_loss,
+    distillation_teacher,
     epoch_generator,
     grad_scaler,
     resolve_device,
@@ -111,6 +113,8 @@ def train(
     scaler = grad_scaler(device, cfg.amp)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     forward, uncompile = _compile_for_training(model, cfg, masked=mask_sampler is not None or loss_fn is not None)
+    # Built before a resume loads the checkpoint: the teacher is the model this run started from.
+    teacher = distillation_teacher(model) if cfg.distill > 0 else None
 
     history: list[dict] = []
     start_epoch, start_batch, best_accuracy, partial = 0, 0, -1.0, None
@@ -132,6 +136,8 @@ def train(
             if hasattr(after_step, "load_state_dict") and "after_step" in state:
                 after_step.load_state_dict(state["after_step"])
     distributed.broadcast_module(model)  # one starting point, however each rank built its model
+    if teacher is not None:
+        distributed.broadcast_module(teacher)
 
     def save_last(epoch_done: int, batch_done: int, sums: dict | None = None) -> None:
         """``last.pt`` after ``epoch_done`` whole epochs and ``batch_done`` batches of the next."""
@@ -172,6 +178,10 @@ def train(
                         else:
                             logits = forward(images) if keep_mask is None else model(images, keep_mask)
                             loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
+                        if teacher is not None:
+                            with torch.no_grad():
+                                teacher_logits = teacher(images)
+                            loss = loss + cfg.distill * distillation_loss(logits, teacher_logits, cfg.distill_temperature)
                     optimizer.zero_grad(set_to_none=True)
                     scaler.scale(loss).backward()
                     if ctx.enabled:  # one host message a step: stop?, checkpoint due?, which parameters got gradients

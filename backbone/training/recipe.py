@@ -3,6 +3,7 @@ optimiser and learning-rate schedule, stochastic depth, mixed precision and dete
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from dataclasses import dataclass, field
@@ -10,6 +11,7 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from backbone.errors import ConfigError
 
@@ -45,6 +47,13 @@ class TrainConfig:
     # the same in training and at inference, where a policy drops blocks outright.
     stochastic_depth: float = 0.0
     stochastic_depth_schedule: str = "linear"
+    # Knowledge distillation from the model as it starts this run, all blocks kept (Hinton et al.
+    # 2015; slimmable networks' in-place distillation): this weight times T² · KL(teacher ‖ model)
+    # at temperature ``distill_temperature`` is added to the loss. For fine-tuning a trained
+    # backbone on masks (joint, fixed subsets, random dropping, gates): every path learns from the
+    # full network's soft predictions, not only from the labels. 0: off.
+    distill: float = 0.0
+    distill_temperature: float = 4.0
     amp: bool = True  # CUDA only: bf16 autocast, or fp16 with a GradScaler on GPUs without bf16
     channels_last: bool = True  # weights and activations in NHWC: faster convolutions on CPU and GPU
     compile: bool = False  # torch.compile: the whole model, or its blocks when masks are used
@@ -69,10 +78,27 @@ class TrainConfig:
             (0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
             (0 <= self.stochastic_depth < 1, "stochastic_depth (drop rate of the last block) must be in [0, 1)"),
             (self.stochastic_depth_schedule in ("linear", "uniform"), "stochastic_depth_schedule must be 'linear' or 'uniform'"),
+            (self.distill >= 0 and self.distill_temperature > 0, "distill must be >= 0 and distill_temperature > 0"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+
+
+def distillation_teacher(model: nn.Module) -> nn.Module:
+    """A frozen copy of ``model``'s backbone (``model.backbone`` for a policy pair or a gated
+    network, else ``model``) in eval mode: the teacher of ``TrainConfig.distill``, run without a mask."""
+    teacher = copy.deepcopy(getattr(model, "backbone", model)).eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
+def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T² · KL(softmax(teacher / T) ‖ softmax(logits / T)), mean over the batch (T² keeps the
+    gradient's scale independent of T)."""
+    t = temperature
+    return F.kl_div(F.log_softmax(logits.float() / t, 1), F.log_softmax(teacher_logits.float() / t, 1),
+                    reduction="batchmean", log_target=True) * t * t
 
 
 def resolve_device(name: str = "auto") -> torch.device:
