@@ -27,11 +27,13 @@ def accuracy_at(points: list[dict], budget: float, tolerance: float = TOLERANCE)
     to a cheaper point of its own, so accuracy never needs to drop as FLOPs grow); between two
     points it is linear (a mixture of the two operating points realises it).
     """
-    pts = sorted((p["flops_ratio"], p["accuracy"]) for p in points)
-    if not pts:
+    best_at: dict[float, float] = {}  # two points at one FLOPs (e.g. two masks of k blocks): the better one
+    for p in points:
+        best_at[p["flops_ratio"]] = max(p["accuracy"], best_at.get(p["flops_ratio"], float("-inf")))
+    if not best_at:
         return None
     envelope, best = [], float("-inf")
-    for f, a in pts:
+    for f, a in sorted(best_at.items()):
         best = max(best, a)
         envelope.append((f, best))
     if budget < envelope[0][0]:  # the cheapest point costs more than the budget

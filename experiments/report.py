@@ -131,10 +131,12 @@ def _comparison(compare: dict) -> list[str]:
             lines.append(f"| {name} | {knob} | {_pct(p['accuracy'])} | {p['flops_ratio']:.3f} | {_fmt(p['train_time_s'], '.0f')} |")
     s = compare.get("static_recipe", {})
     ladder = compare.get("fixed_subset_search", {})
+    budget = compare.get("finetune_budget", {})
+    distilled = f", distilled from the full backbone (weight {budget['distill']:g})" if budget.get("distill") else ""
     lines += ["", f"Static networks: trained {s.get('from', 'from scratch')} for {s.get('epochs')} epochs with the backbone's "
               f"recipe minus stochastic depth. Fixed subsets: {ladder.get('search')} search on {ladder.get('search_images')} "
-              f"held-out images. Fine-tuned methods: {compare.get('finetune_budget', {}).get('epochs')} epochs each "
-              "(the joint fine-tuning's budget).", ""]
+              f"held-out images. Fine-tuned methods: {budget.get('epochs')} epochs each (the joint fine-tuning's "
+              f"budget){distilled}.", ""]
     return lines
 
 

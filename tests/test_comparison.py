@@ -87,6 +87,9 @@ def test_curves_are_read_at_the_budget_without_extrapolation():
     assert accuracy_at(curve, 0.3) is None  # no point is cheap enough: no extrapolation
     assert accuracy_at([point(0.51, 0.8)], 0.5) == 0.8 and accuracy_at([point(0.52, 0.8)], 0.5) is None  # 3%
     assert train_time_at(curve, 0.5) == 20
+    # Two points at one FLOPs (two masks of the same size): the curve runs through the better one.
+    two = [point(0.4, 0.70), point(0.6, 0.72), point(0.6, 0.80), point(0.4, 0.60)]
+    assert accuracy_at(two, 0.5) == pytest.approx(0.75) and accuracy_at(two, 0.4) == pytest.approx(0.70)
 
 
 def test_headline_names_the_winner_and_seeds_give_mean_and_std():
@@ -139,3 +142,45 @@ def test_seed_summary_says_what_the_seeds_shared(tmp_path):
         text = summarize_seeds(cfg, dirs).read_text()
         assert ("backbone and from-scratch static networks;" in text) == bool(statics), text
         assert json.loads((tmp_path / "s" / "summary.json").read_text())["shared_static_networks"] == bool(statics)
+
+
+def test_the_rungs_a_nested_ladder_policy_routes_among_are_fine_tuned_too(monkeypatch, tmp_path):
+    """With policy.ladder_search: nested the fixed-subset + fine-tuning curve also holds the
+    nested rungs that bracket each budget, each fine-tuned on its own (the control for what the
+    routing adds); a mask both ladders share is fine-tuned once, and the curve's envelope takes
+    the better mask at a budget."""
+    from backbone.data.datasets import Splits
+    from experiments import compare
+    from experiments.config import load_config
+
+    cfg = load_config("quickstart", ["policy.ladder_search=nested", "study.budgets=[0.5]", f"output_dir={tmp_path}"])
+    model = _random_bn(build_resnet(8, num_classes=4, width=4))  # 3 blocks
+    cost = measure_backbone_cost(model, 32)
+    data = make_synthetic(24, num_classes=4, seed=1)
+    rows = {False: ["000", "001", "011", "111"], True: ["000", "100", "110", "111"]}  # best vs nested: 0 and 3 shared
+
+    def ladder(cfg, backbone, splits, nested=False):
+        masks = torch.tensor([[c == "1" for c in m] for m in rows[nested]])
+        return {"masks": masks, "flops": [float(cost.mask_flops(m)) for m in masks], "search": "nested" if nested else "exhaustive",
+                "images": 24, "search_s": 0.0, "held_out_accuracy": [0.0] * 4}
+
+    tuned = []
+
+    def finetune(cfg, backbone, name, sampler, splits, resume):
+        tuned.append((name, compare.mask_string(sampler(torch.zeros(1), None)[0])))
+        return backbone, 1.0
+
+    monkeypatch.setattr(compare, "run_ladder", ladder)
+    monkeypatch.setattr(compare, "finetuned_on_masks", finetune)
+    curves, _ = compare.fixed_subsets(cfg, model, cost, Splits(data, data, data), 0.0, False)
+    ratios = [float(cost.flops_ratio(torch.tensor([[c == "1" for c in m] for m in rows[False]]))[k]) for k in range(4)]
+    k_below, k_above = max(k for k in range(4) if ratios[k] <= 0.5), min(k for k in range(4) if ratios[k] >= 0.5)
+    expected = {(f"subset_k{k}", rows[False][k]) for k in (k_below, k_above)}
+    expected |= {(f"subset_nested_k{k}", rows[True][k]) for k in (k_below, k_above) if rows[True][k] not in rows[False][k_below:k_above + 1]}
+    assert set(tuned) == expected and len(tuned) == len(expected)
+    assert any(name.startswith("subset_nested_") for name, _ in tuned)
+    points = curves["fixed subset + fine-tuning"]
+    assert [p["flops_ratio"] for p in points] == sorted(p["flops_ratio"] for p in points)
+    assert {p["knob"]["search"] for p in points} == {"exhaustive", "nested"}
+    best = max(p["accuracy"] for p in points if p["flops_ratio"] <= 0.5 + 1e-9)
+    assert accuracy_at(points, 0.5) >= best

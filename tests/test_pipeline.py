@@ -258,13 +258,16 @@ def test_study_on_an_imported_backbone_trains_every_baseline(study, tmp_path):
     refused = run(*common, "--set", "name=no_static_budget", cwd=tmp_path)
     assert refused.returncode == 2 and "study.static_epochs" in refused.stderr, refused.stderr[-2000:]
     assert not (tmp_path / "runs" / "no_static_budget").exists()  # refused before any work
-    result = run(*common, "--set", "name=imported", "--set", "study.static_epochs=2", cwd=tmp_path)
+    # Every fine-tuning distilled from the imported backbone (the pair's, the gates', the baselines').
+    result = run(*common, "--set", "name=imported", "--set", "study.static_epochs=2", "--set", "finetune.distill=0.5", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "runs" / "imported" / "metrics.json").read_text())
     compare = metrics["compare"]
     static = compare["curves"]["static ResNet (depth × width)"]
     assert static and all(p["knob"]["epochs"] == 2 and p["train_time_s"] > 0 for p in static)
     assert compare["static_recipe"]["epochs"] == 2 and compare["static_recipe"]["stochastic_depth"] == 0.0
+    assert compare["static_recipe"]["distill"] == 0.0 and compare["finetune_budget"]["distill"] == 0.5  # no teacher from scratch
+    assert "distilled from the full backbone (weight 0.5)" in (tmp_path / "runs" / "imported" / "report.md").read_text()
     full = compare["curves"]["full backbone"][0]["accuracy"]
     assert full == pytest.approx(json.loads((work / "runs" / "tiny" / "metrics.json").read_text())["compare"]["curves"]["full backbone"][0]["accuracy"])
     # Every method that starts from the backbone got the joint fine-tuning's budget.
