@@ -172,6 +172,21 @@ def test_distillation_resumes_from_the_teacher_of_the_first_start(tiny_data, tmp
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("width,channels_last,expected", [(8, None, torch.contiguous_format), (16, None, torch.channels_last),
+                                                         (8, True, torch.channels_last), (16, False, torch.contiguous_format)])
+def test_narrow_models_train_in_nchw_and_come_back_channels_last(tiny_data, width, channels_last, expected):
+    # channels_last: null picks the layout by the narrowest convolution (NHWC is slower below 16
+    # channels on CPUs); inference stays in the layout the model was built in.
+    from backbone.models.masked import memory_format_of
+
+    model = build_resnet(8, num_classes=4, width=width)
+    seen = []
+    train(model, tiny_data[0], None, _cfg(epochs=1, channels_last=channels_last),
+          after_step=lambda *_: seen.append(memory_format_of(model.blocks[0].conv1.weight)))
+    assert seen and set(seen) == {expected}
+    assert memory_format_of(model.blocks[0].conv1.weight) == torch.channels_last
+
+
 def test_timed_checkpoints_inside_an_epoch(tiny_data, tmp_path):
     train_set, val_set = tiny_data
     seen = []
