@@ -1,4 +1,3 @@
-import copy
 import math
 import os
 
@@ -12,7 +11,6 @@ from backbone.training.loop import (
     TrainConfig,
     build_optimizer,
     build_scheduler,
-    distillation_loss,
     evaluate,
     stochastic_depth_sampler,
     train,
@@ -120,56 +118,6 @@ def test_stop_request_saves_mid_epoch_and_resume_is_exact(tiny_data, tmp_path, s
     for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(a, b)
     assert _scores(result["history"]) == _scores(reference["history"])
-
-
-def _kl_to(teacher, student, images) -> float:
-    with torch.no_grad():
-        return distillation_loss(student(images), teacher(images), 1.0).item()
-
-
-def test_distillation_keeps_a_fine_tuned_model_near_its_start(tiny_data):
-    # Labels the model cannot know (shuffled): cross-entropy alone drags the model away from what
-    # it predicted at the start; the distillation term pulls it back towards those predictions.
-    train_set, _ = tiny_data
-    shuffled = ImageDataset(train_set.images, train_set.labels[torch.randperm(len(train_set), generator=torch.Generator().manual_seed(0))],
-                            train_set.classes)
-    torch.manual_seed(2)
-    start = build_resnet(8, num_classes=4, width=4)
-    train(start, train_set, None, _cfg(epochs=2))  # a trained model to fine-tune
-    start.eval()
-    moved = {}
-    for weight in (0.0, 5.0):
-        model = copy.deepcopy(start)
-        train(model, shuffled, None, _cfg(epochs=3, lr=0.05, distill=weight, distill_temperature=2.0, augment=False), seed=1)
-        moved[weight] = _kl_to(start, model.eval(), train_set.images)
-    assert moved[5.0] < 0.3 * moved[0.0], moved
-
-
-def test_distillation_resumes_from_the_teacher_of_the_first_start(tiny_data, tmp_path):
-    # The teacher is the model the run started from, also after a resume loads later weights.
-    train_set, val_set = tiny_data
-    cfg = _cfg(epochs=2, stochastic_depth=0.3, distill=1.0)
-    torch.manual_seed(1)
-    start = build_resnet(8, num_classes=4, width=4)
-    straight = copy.deepcopy(start)
-    train(straight, train_set, val_set, cfg, checkpoint_dir=tmp_path / "a", seed=5)
-    steps = []
-
-    def stop_after_5(*_):
-        steps.append(1)
-        if len(steps) == 5:
-            request_stop("SIGINT")
-
-    interrupted = copy.deepcopy(start)
-    try:
-        with pytest.raises(Interrupted):
-            train(interrupted, train_set, val_set, cfg, checkpoint_dir=tmp_path / "b", seed=5, after_step=stop_after_5)
-    finally:
-        clear_stop()
-    resumed = copy.deepcopy(start)  # the caller builds the run's starting model again, as the stages do
-    train(resumed, train_set, val_set, cfg, checkpoint_dir=tmp_path / "b", seed=5, resume=True)
-    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
-        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("width,channels_last,expected", [(8, None, torch.contiguous_format), (16, None, torch.channels_last),
