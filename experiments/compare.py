@@ -132,14 +132,15 @@ def fixed_subsets(cfg, backbone, cost, splits, pretrain_time, resume) -> tuple[d
     for prefix, rungs, rung_ratios in ladders:
         for k in sorted(set().union(*(bracketing(rung_ratios, b) for b in cfg.study.budgets))):
             mask = rungs["masks"][k]
-            if mask_string(mask) in done:
+            bits = mask_string(mask)
+            if bits in done:  # a rung both ladders share is fine-tuned once
                 continue
-            done.add(mask_string(mask))
+            done.add(bits)
             fixed = mask.to(next(backbone.parameters()).device)
             model, train_time = finetuned_on_masks(cfg, backbone, f"subset_{prefix}k{k}",
                                                    lambda images, *_, fixed=fixed: fixed.expand(images.shape[0], -1), splits, resume)
             tuned.append(point(rung_ratios[k], fixed_mask_accuracy(model, splits.test, mask), pretrain_time + train_time,
-                               k=k, mask=mask_string(mask), search=rungs["search"]))
+                               k=k, mask=bits, search=rungs["search"]))
     oracle = oracle_curve(correct, torch.tensor(ladder["flops"]), full)
     info = {"search": ladder["search"], "search_images": ladder["images"], "search_s": ladder["search_s"],
             "masks": [mask_string(m) for m in ladder["masks"]], "held_out_accuracy": ladder["held_out_accuracy"]}

@@ -48,6 +48,7 @@ from backbone.training.recipe import (  # noqa: F401  (re-exported: the loop's p
     TrainConfig,
     amp_dtype,
     autocast,
+    backbone_of,
     build_optimizer,
     build_scheduler,
     distillation_loss,
@@ -104,7 +105,7 @@ def train(
                                                 ctx.rank, ctx.world_size)
     # The model's stem puts its input into the layout of its weights; after training the model
     # goes back to the layout it came in (models are built channels-last, the inference layout).
-    original_format = next((memory_format_of(p) for p in getattr(model, "backbone", model).parameters() if p.dim() == 4),
+    original_format = next((memory_format_of(p) for p in backbone_of(model).parameters() if p.dim() == 4),
                            torch.contiguous_format)
     model.to(memory_format=training_memory_format(model, cfg, device))
     loader = make_loader(train_set, cfg.batch_size, device=device, shuffle=True, seed=seed, augment=cfg.augment,

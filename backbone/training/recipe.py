@@ -88,6 +88,11 @@ class TrainConfig:
                 raise ConfigError(message)
 
 
+def backbone_of(model: nn.Module) -> nn.Module:
+    """The skippable network inside a policy pair or a gated network (``model.backbone``), else ``model``."""
+    return getattr(model, "backbone", model)
+
+
 #: The narrowest convolution (output channels) that trains faster in channels-last on CPUs.
 CHANNELS_LAST_MIN_WIDTH = 16
 
@@ -101,15 +106,15 @@ def training_memory_format(model: nn.Module, cfg: TrainConfig, device: torch.dev
     which the quickstart's width-8 backbone and its width-7 static network pay in every epoch."""
     if cfg.channels_last is not None:
         return torch.channels_last if cfg.channels_last else torch.contiguous_format
-    convs = [m.out_channels for m in getattr(model, "backbone", model).modules() if isinstance(m, nn.Conv2d)]
+    convs = [m.out_channels for m in backbone_of(model).modules() if isinstance(m, nn.Conv2d)]
     wide = device.type == "cuda" or (bool(convs) and min(convs) >= CHANNELS_LAST_MIN_WIDTH)
     return torch.channels_last if wide else torch.contiguous_format
 
 
 def distillation_teacher(model: nn.Module) -> nn.Module:
-    """A frozen copy of ``model``'s backbone (``model.backbone`` for a policy pair or a gated
-    network, else ``model``) in eval mode: the teacher of ``TrainConfig.distill``, run without a mask."""
-    teacher = copy.deepcopy(getattr(model, "backbone", model)).eval()
+    """A frozen copy of ``backbone_of(model)`` in eval mode: the teacher of ``TrainConfig.distill``,
+    run without a mask."""
+    teacher = copy.deepcopy(backbone_of(model)).eval()
     teacher.requires_grad_(False)
     return teacher
 
