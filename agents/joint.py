@@ -37,9 +37,11 @@ import torch
 from agents.pair import DynamicModel
 from backbone.data.batching import BatchLoader
 from backbone.data.datasets import ImageDataset
+from backbone.data.streaming import in_memory
 from backbone.errors import ConfigError
 from backbone.training import distributed
 from backbone.training.loop import TrainConfig, train
+from backbone.training.refit import refit_heads
 from envs.rewards import RewardConfig, episode_reward, reward_score
 
 
@@ -63,11 +65,19 @@ class FinetuneConfig(TrainConfig):
     # chose each image's path on the backbone *before* fine-tuning, and its small policy-gradient
     # steps during fine-tuning do not keep up with how much the paths' accuracies change.
     refresh_policy: bool = False
+    # After fine-tuning, refit the classifier on this many clean training images (0: off;
+    # backbone.training.refit), as every fine-tuned baseline of the comparison does with the same
+    # images. A ladder pair gets one head per rung (backbone.models.path_heads), each refitted on
+    # every image through its rung: one backbone's paths then share their blocks but not their
+    # classifier. (Training such heads by SGD within the epoch gained nothing: docs/results.md.)
+    refit_heads: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.policy_lr <= 0 or self.policy_batch_size < 1 or self.entropy_coef < 0:
             raise ConfigError("finetune.policy_lr must be > 0, policy_batch_size >= 1, entropy_coef >= 0")
+        if self.refit_heads < 0:
+            raise ConfigError(f"finetune.refit_heads is a number of training images (0: off), got {self.refit_heads}")
         if self.backbone_masks not in ("sampled", "greedy", "rungs"):
             raise ConfigError(f"finetune.backbone_masks must be sampled, greedy or rungs, got {self.backbone_masks!r}")
 
@@ -171,10 +181,17 @@ def joint_finetune(
         pair, train_set, val_set, cfg, checkpoint_dir=checkpoint_dir, writer=writer, resume=resume,
         mask_sampler=sample_masks, after_step=policy_step, seed=seed, desc="finetune",
     )
+    refit_s = 0.0
+    if cfg.refit_heads:
+        if pair.ladder is not None and pair.backbone.path_heads is None:
+            pair.backbone.attach_path_heads(pair.ladder.cpu())
+        # The same seeded images on every rank, so every rank refits the same heads.
+        refit_s = refit_heads(pair.backbone, in_memory(train_set, cfg.refit_heads, seed + 3),
+                              lambda images: pair.decide(images, deterministic=True))
     distributed.check_same_on_all_ranks(pair, "the backbone and policy")
     if writer is not None and policy_step.history:
         for i, h in enumerate(policy_step.history):
             writer.add_scalar("losses/policy_loss", h["policy_loss"], i)
             writer.add_scalar("charts/blocks_sampled", h["blocks_sampled"], i)
         writer.flush()
-    return {**result, "policy_steps": len(policy_step.history)}
+    return {**result, "policy_steps": len(policy_step.history), "refit_time_s": refit_s}

@@ -181,7 +181,8 @@ class DynamicModel(BackboneWrapper):
             self.policy.set_training_mode(False)
         h = self.backbone.stem(images)
         if self.env == "oneshot":
-            return self.backbone.head(self.backbone.run_blocks(h, self.greedy_masks(self.observe(images, h))))
+            masks = self.greedy_masks(self.observe(images, h))
+            return self.backbone.head(self.backbone.run_blocks(h, masks), masks)
         used = torch.zeros(images.shape[0], dtype=torch.long, device=images.device)
         for i, block in enumerate(self.backbone.blocks):
             run = greedy_decisions(self.policy, self._sequential_obs(h, i, used)) == 1

@@ -42,13 +42,14 @@ from backbone.baselines import (
     static_torchvision_for_flops,
 )
 from backbone.data.datasets import Splits, load_splits
-from backbone.data.streaming import image_size_of
+from backbone.data.streaming import image_size_of, in_memory
 from backbone.errors import ConfigError
 from backbone.models.cost import measure_backbone_cost
 from backbone.models.torchvision_resnet import build_torchvision_resnet, resolve_weights
 from backbone.models.weights import load_checkpoint, load_model, model_from_arch, save_checkpoint
 from backbone.training import distributed
 from backbone.training.loop import evaluate, predict, resolve_device, stochastic_depth_sampler, train
+from backbone.training.refit import refit_heads
 from experiments.common import cli, config_from_args, experiment_parser, finished_stage, tensorboard_writer, update_metrics
 from experiments.config import ExperimentConfig
 from experiments.curves import accuracy_at, headline, point
@@ -94,6 +95,10 @@ def finetuned_on_masks(cfg: ExperimentConfig, backbone, name: str, sampler, spli
     history = train(model, splits.train, None, cfg.finetune, checkpoint_dir=out.parent / f"checkpoints_{name}",
                     resume=resume, mask_sampler=sampler, seed=cfg.seed, desc=name)
     train_time = sum(r["epoch_time_s"] for r in history["history"])
+    if cfg.finetune.refit_heads:  # the pair's refit (agents.joint), on the same images, with this method's masks
+        gen = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed + 3)
+        masks_for = None if sampler is None else (lambda images: sampler(images, None, gen))
+        train_time += refit_heads(model, in_memory(splits.train, cfg.finetune.refit_heads, cfg.seed + 3), masks_for)
     save_checkpoint(out, model, train_time_s=train_time)
     return model, train_time
 
@@ -361,7 +366,8 @@ def run_compare(cfg: ExperimentConfig, resume: bool = False, splits: Splits | No
         "fixed_subset_search": bound["ladder"],
         "static_recipe": {**{k: getattr(static_recipe(cfg), k) for k in ("epochs", "stochastic_depth", "distill")},
                           **static_description(cfg, backbone)},
-        "finetune_budget": {"epochs": cfg.finetune.epochs, "images": len(splits.train), "distill": cfg.finetune.distill},
+        "finetune_budget": {"epochs": cfg.finetune.epochs, "images": len(splits.train), "distill": cfg.finetune.distill,
+                            "refit_heads": cfg.finetune.refit_heads},
         "left_out": sorted(leave_out),
         "wall_time_s": time.perf_counter() - tic,
     }

@@ -83,8 +83,9 @@ def run_finetune(cfg: ExperimentConfig, tag: str = "policy", resume: bool = Fals
     save_checkpoint(out_dir / "backbone.pt", pair.backbone, stage=section)
     test_task = make_skip_task(p, pair.backbone, test_images(splits), device, ladder)
     groups = test_groups(cfg, test_task.dataset, device)
-    joint_time = sum(r["epoch_time_s"] for r in result["history"])
-    metrics = {"policy_tag": tag, "lam": p.reward.lam, "epochs": cfg.finetune.epochs, "policy_steps": result["policy_steps"]}
+    joint_time = sum(r["epoch_time_s"] for r in result["history"]) + result["refit_time_s"]
+    metrics = {"policy_tag": tag, "lam": p.reward.lam, "epochs": cfg.finetune.epochs, "policy_steps": result["policy_steps"],
+               "refit_heads": cfg.finetune.refit_heads, "refit_time_s": result["refit_time_s"]}
     if cfg.finetune.refresh_policy:
         # The jointly fine-tuned policy, for the record, then a fresh one on the fine-tuned backbone.
         metrics["test_before_refresh"] = evaluate_policy_on(model, test_task, p.env, extra_flops=policy_flops(model, test_task, p.env),

@@ -30,12 +30,13 @@ from experiments.train_policy import policy_dir
 
 
 @torch.no_grad()
-def recalibration_study(run_dir: Path, tag: str = "policy", num_images: int = 2560, seed: int = 0) -> dict:
+def recalibration_study(run_dir: Path, tag: str = "policy", num_images: int = 2560, seed: int = 0,
+                        finetuned: bool = False) -> dict:
     from agents.pair import greedy_decisions
 
     if num_images < 1:
         raise ConfigError(f"--images must be at least 1, got {num_images}")
-    cfg, _, _, ladder, pair, device = load_final_pair(run_dir, tag, finetuned=False)
+    cfg, _, _, ladder, pair, device = load_final_pair(run_dir, tag, finetuned=finetuned)
     if ladder is None:
         raise ConfigError(f"{policy_dir(run_dir, tag)} holds no ladder policy (policy.zip and ladder.json): train one "
                           f"with experiments.train_policy and policy.action: ladder")
@@ -58,7 +59,7 @@ def recalibration_study(run_dir: Path, tag: str = "policy", num_images: int = 25
                      "accuracy": own.float().mean().item(), "accuracy_recalibrated": path.float().mean().item(),
                      "policy_images": int(routed.sum())})
     policy_flops = sum(row["flops_ratio"] * row["policy_images"] for row in rows) / len(rungs)
-    return {"run": str(run_dir), "tag": tag, "calibration_images": len(calibration), "test_images": len(rungs),
+    return {"run": str(run_dir), "tag": tag, "finetuned": finetuned, "calibration_images": len(calibration), "test_images": len(rungs),
             "rungs": rows, "policy": {"flops_ratio": policy_flops, "accuracy": correct_own / len(rungs),
                                       "accuracy_per_rung_statistics": correct_path / len(rungs)}}
 
@@ -67,6 +68,8 @@ def main() -> None:
     parser = report_parser(__doc__.splitlines()[0], "a run directory with a trained ladder policy")
     parser.add_argument("--tag", default="policy", help="which of the run's policies (e.g. lam0.055)")
     parser.add_argument("--images", type=int, default=2560, help="training images per path for the statistics")
+    parser.add_argument("--finetuned", action="store_true",
+                        help="the jointly fine-tuned pair (its backbone, policy and ladder) instead of the policy before")
 
     def print_text(result: dict) -> None:
         print(f"BatchNorm statistics per path ({result['calibration_images']} training images each), "
@@ -79,7 +82,7 @@ def main() -> None:
         print(f"policy {result['tag']} at {p['flops_ratio']:.3f} of the FLOPs: {100 * p['accuracy']:.2f}% with the "
               f"backbone's statistics, {100 * p['accuracy_per_rung_statistics']:.2f}% with each rung's own")
 
-    cli(lambda args: print_report(recalibration_study(args.run, args.tag, args.images), args.json, print_text), parser)
+    cli(lambda args: print_report(recalibration_study(args.run, args.tag, args.images, finetuned=args.finetuned), args.json, print_text), parser)
 
 
 if __name__ == "__main__":

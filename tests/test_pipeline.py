@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from backbone.models.weights import load_model
 from experiments.evaluate import evaluate_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -320,6 +321,20 @@ def test_batchnorm_recalibration_cli_scores_every_rung_and_the_policy_both_ways(
     evaluated = run("--run", "runs/tiny", "--tag", "rungs", "--json", cwd=tmp_path, module="experiments.evaluate")
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     assert data["policy"]["accuracy"] == pytest.approx(json.loads(evaluated.stdout)["accuracy"])
+    # The pair jointly fine-tuned, then a classifier refitted per rung (finetune.refit_heads): saved, reloaded
+    # by evaluate and recalibrate --finetuned alike, which agree on its accuracy.
+    tuned = run("--config", "tiny.yaml", "--tag", "rungs", "--set", "policy.action=ladder", "--set",
+                "policy.ladder_min_blocks=1", "--set", "finetune.refit_heads=64", "--set", "finetune.epochs=1",
+                cwd=tmp_path, module="experiments.finetune")
+    assert tuned.returncode == 0, tuned.stderr[-2000:]
+    evaluated = run("--run", "runs/tiny", "--tag", "rungs", "--json", cwd=tmp_path, module="experiments.evaluate")
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    after = run("--run", "runs/tiny", "--tag", "rungs", "--images", "64", "--finetuned", "--json", cwd=tmp_path,
+                module="experiments.recalibrate")
+    assert after.returncode == 0, after.stderr[-2000:]
+    tuned_data = json.loads(after.stdout.strip().splitlines()[-1])
+    assert tuned_data["finetuned"] and tuned_data["policy"]["accuracy"] == pytest.approx(json.loads(evaluated.stdout)["accuracy"])
+    assert load_model(tmp_path / "runs" / "tiny" / "finetune_rungs" / "backbone.pt").arch["path_heads"] == len(ladder)
     # The run's main policy decides keep bits, not rungs: one clear error.
     bits = run("--run", "runs/tiny", cwd=tmp_path, module="experiments.recalibrate")
     assert bits.returncode == 2 and "no ladder policy" in bits.stderr

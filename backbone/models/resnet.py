@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from backbone.models.fused import add_relu_, conv_bn
+from backbone.models.path_heads import PathHeads
 from backbone.models.masked import (
     SortedRows,
     call_block,
@@ -137,6 +138,18 @@ class SkippableResNet(nn.Module):
     _blocks: tuple[nn.Module, ...] = ()
     _call_block: Callable[..., torch.Tensor] = staticmethod(call_block)
     arch: dict
+    fc: nn.Linear
+
+    def __init__(self):
+        super().__init__()
+        self.path_heads: PathHeads | None = None
+
+    def attach_path_heads(self, masks: torch.Tensor | int) -> SkippableResNet:
+        """Give each of the K paths ``masks`` (K, num_blocks) its own classifier, a copy of ``fc``
+        (``backbone.models.path_heads``), recorded in ``arch`` so that ``load_model`` rebuilds it."""
+        self.path_heads = PathHeads(masks, self.fc, self.num_blocks).to(self.fc.weight.device)
+        self.arch = {**self.arch, "path_heads": len(self.path_heads.masks)}
+        return self
 
     def compile_blocks(self, enabled: bool = True, **compile_kwargs) -> SkippableResNet:
         """Run every block through ``torch.compile`` (``enabled=False``: eagerly again); returns self.
@@ -173,8 +186,16 @@ class SkippableResNet(nn.Module):
     def stem(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def head(self, x: torch.Tensor) -> torch.Tensor:
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, feature_dim): the last block's output pooled, what the classifier reads."""
         raise NotImplementedError
+
+    def head(self, x: torch.Tensor, keep_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of the last block's output ``x``; with path heads and the rows' ``keep_mask``,
+        each row by its path's own classifier."""
+        if self.path_heads is None or keep_mask is None:
+            return self.fc(self.pool(x))
+        return self.path_heads(self.pool(x), keep_mask, self.fc)
 
     def forward(self, x: torch.Tensor, keep_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits for images ``x`` (batch, 3, H, W), uint8 or float in [0, 1].
@@ -186,12 +207,13 @@ class SkippableResNet(nn.Module):
         """
         order = self._inference_order(keep_mask, x.shape[0])
         if order is None:
-            return self.head(self.run_blocks(self.stem(x), keep_mask))
+            return self.head(self.run_blocks(self.stem(x), keep_mask), keep_mask)
         # Sorting the images (3 channels, often uint8) costs far less than sorting an activation:
         # the blocks then find their kept rows in contiguous ranges (run_blocks); the logits go
         # back to the caller's order.
         order = order.to(x.device)
-        logits = self.head(self.run_blocks(self.stem(x.index_select(0, order)), keep_mask.index_select(0, order.to(keep_mask.device))))
+        keep_mask = keep_mask.index_select(0, order.to(keep_mask.device))
+        logits = self.head(self.run_blocks(self.stem(x.index_select(0, order)), keep_mask), keep_mask)
         return torch.empty_like(logits).index_copy_(0, order, logits)
 
     def _inference_order(self, keep_mask: torch.Tensor | None, batch: int) -> torch.Tensor | None:
@@ -325,8 +347,8 @@ class CifarResNet(SkippableResNet):
         x = torch.addcmul(self.input_shift, x.float(), scale)
         return F.relu(conv_bn(self.conv1, self.bn1, x), inplace=True)
 
-    def head(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
 
 class BackboneWrapper(nn.Module):
     """Base of modules that wrap a skippable backbone as ``self.backbone`` (gated model, policy +

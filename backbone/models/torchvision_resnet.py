@@ -188,8 +188,8 @@ class TorchvisionResNet(SkippableResNet):
         x = torch.addcmul(self.input_shift, x.float(), scale)
         return self.maxpool(F.relu(conv_bn(self.conv1, self.bn1, x), inplace=True))
 
-    def head(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(self.avgpool(x), 1))
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.avgpool(x), 1)
 
 
 def build_torchvision_resnet(

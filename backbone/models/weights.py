@@ -153,8 +153,12 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
 def model_from_arch(arch: Mapping) -> SkippableResNet:
     """The network (fresh weights) that a ``model.arch`` dict of either family describes."""
     if arch.get("family") == "torchvision":
-        return TorchvisionResNet(arch["name"], arch["num_classes"], arch.get("normalization", "imagenet"))
-    return CifarResNet(**{k: arch[k] for k in (*ARCH_FIELDS, "normalization") if k in arch})
+        model = TorchvisionResNet(arch["name"], arch["num_classes"], arch.get("normalization", "imagenet"))
+    else:
+        model = CifarResNet(**{k: arch[k] for k in (*ARCH_FIELDS, "normalization") if k in arch})
+    # Per-path classifiers of a jointly fine-tuned ladder pair (finetune.path_heads): placeholders
+    # here, their masks and weights come with the checkpoint's state dict.
+    return model.attach_path_heads(int(arch["path_heads"])) if arch.get("path_heads") else model
 
 
 def infer_arch(state_dict: Mapping) -> dict:
@@ -289,6 +293,10 @@ def _arch_hints(state: Mapping, family: str | None = "cifar") -> dict:
 def _arch_differences(source: Mapping, model: Mapping) -> list[str]:
     if _family(source) != _family(model):
         return [f"checkpoint holds {_describe(source)} but the model is {_describe(model)}"]
+    heads, model_heads = source.get("path_heads") or 0, model.get("path_heads") or 0
+    if heads != model_heads:
+        return [f"checkpoint has {heads} per-path classifiers (finetune.path_heads) but the model has "
+                f"{model_heads}: build the network from the file with backbone.models.weights.load_model"]
     if _family(model) == "torchvision":
         diffs = []
         if source.get("name") not in (None, model["name"]):
