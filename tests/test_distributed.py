@@ -293,7 +293,7 @@ data: {train_size: 400, test_size: 120, num_classes: 4, val_fraction: 0.3}
 model: {arch: resnet8, width: 4}
 pretrain: {epochs: 2, batch_size: 32, warmup_epochs: 0, stochastic_depth: 0.2}
 policy: {num_envs: 16, n_steps: 4, batch_size: 64, timesteps: 256, observation: stem, action: ladder, eval_every: 128, checkpoint_every: 128}
-finetune: {epochs: 1, batch_size: 32, policy_batch_size: 32, backbone_masks: greedy}
+finetune: {epochs: 1, batch_size: 32, policy_batch_size: 32, backbone_masks: greedy, refit_heads: 64}
 study: {lambdas: [], budgets: [0.6], keep_rates: [0.5], static_epochs: 1}
 """
 
@@ -306,8 +306,9 @@ def stage(work: Path, module: str, processes: int) -> subprocess.CompletedProces
 
 def test_joint_finetuning_and_the_comparison_run_data_parallel(tmp_path):
     """Joint fine-tuning and every baseline of the comparison (fixed subsets, random dropping and
-    the full network fine-tuned, the gates, the static networks) under torchrun: one global
-    batch, rank 0 writes, the ranks end with the same weights (the stages check it themselves),
+    the full network fine-tuned, the gates, the static networks) under torchrun, each with its
+    classifier refitted afterwards (per rung for the pair): one global batch, rank 0 writes, the
+    ranks end with the same weights (the stages check it themselves),
     and the results stay close to one process's (the per-rank BatchNorm batch statistics make
     them differ: tolerance 0.15 top-1 on 120 test images)."""
     runs = {}
@@ -328,6 +329,7 @@ def test_joint_finetuning_and_the_comparison_run_data_parallel(tmp_path):
     one, two = runs[1], runs[2]
     assert one["pretrain"]["test_accuracy"] == two["pretrain"]["test_accuracy"]  # same starting point
     assert abs(one["finetune"]["test"]["accuracy"] - two["finetune"]["test"]["accuracy"]) <= 0.15
+    assert two["finetune"]["refit_heads"] == 64 and two["finetune"]["refit_time_s"] > 0
     assert set(one["compare"]["curves"]) == set(two["compare"]["curves"])
     for name, points in one["compare"]["curves"].items():
         for a, b in zip(points, two["compare"]["curves"][name]):
