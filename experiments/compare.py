@@ -197,6 +197,10 @@ def gates_for_budgets(cfg, backbone, splits, device, pretrain_time, resume) -> l
             finally:
                 writer.close()
             train_time = sum(r["epoch_time_s"] for r in history["history"])
+            if cfg.finetune.refit_heads:  # as every fine-tuned method: the classifier, on the gates' own decisions
+                gated.eval()
+                train_time += refit_heads(gated.backbone, in_memory(splits.train, cfg.finetune.refit_heads, cfg.seed + 3),
+                                          lambda images: (gated(images), gated.last_keep_mask)[1])
             save_checkpoint(out / "gated.pt", gated, train_time_s=train_time)
         m = evaluate_gates(gated, splits.test)
         points.append(point(m["flops_ratio"], m["accuracy"], pretrain_time + train_time, target=budget,

@@ -135,7 +135,7 @@ def _comparison(compare: dict) -> list[str]:
     distilled = f", distilled from the full backbone (weight {budget['distill']:g})" if budget.get("distill") else ""
     if budget.get("refit_heads"):
         distilled += (f"; then the classifier refitted on {budget['refit_heads']} clean training images (a ladder "
-                      "pair: one per rung; not the gates)")
+                      "pair: one per rung)")
     lines += ["", f"Static networks: trained {s.get('from', 'from scratch')} for {s.get('epochs')} epochs with the backbone's "
               f"recipe minus stochastic depth. Fixed subsets: {ladder.get('search')} search on {ladder.get('search_images')} "
               f"held-out images. Fine-tuned methods: {budget.get('epochs')} epochs each (the joint fine-tuning's "

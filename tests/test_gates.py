@@ -202,3 +202,22 @@ def test_train_gates_resumes(tmp_path, data):
 def test_bad_gate_config(kwargs, field):
     with pytest.raises(ConfigError, match=field):
         GateConfig(**kwargs)
+
+
+def test_a_refit_of_the_gated_models_classifier_fits_its_own_decisions():
+    """finetune.refit_heads for the gates (experiments.compare): the backbone's classifier is
+    refitted on the features of the paths the gates choose, image by image."""
+    from backbone.training.refit import refit_heads
+
+    gated = _input_dependent(GatedResNet(_backbone(14), GateConfig())).eval()
+    data = make_synthetic(256, num_classes=4, seed=1)
+    with torch.no_grad():
+        gated.backbone.fc.weight.normal_(0, 3)  # a classifier that reads the features badly
+        before = torch.nn.functional.cross_entropy(gated(data.images), data.labels).item()
+        masks_before = gated.last_keep_mask.clone()
+    assert 0 < masks_before.sum(1).float().std()  # the gates' paths differ between images
+    refit_heads(gated.backbone, data, lambda images: (gated(images), gated.last_keep_mask)[1])
+    with torch.no_grad():
+        after = torch.nn.functional.cross_entropy(gated(data.images), data.labels).item()
+    assert torch.equal(gated.last_keep_mask, masks_before)  # the gates decide as before
+    assert after < 0.5 * before, (before, after)

@@ -8,8 +8,8 @@ the features separate the classes). It matters most where one backbone serves se
 with one classifier: a ladder pair then gets one head per rung (``backbone.models.path_heads``),
 each refitted on all N images through its rung. On akamaster's ResNet-32 this lifted the
 distilled pair by 0.8 points and fixed subsets fine-tuned alone by 0.2-0.4 (docs/results.md).
-Every fine-tuned method of the comparison whose paths are fixed or sampled by a rule (the pair,
-fixed subsets, random dropping, the full network) gets the same refit on the same images.
+Every fine-tuned method of the comparison (the pair, fixed subsets, random dropping, the full
+network, the gates on their own decisions) gets the same refit on the same images.
 """
 
 from __future__ import annotations
