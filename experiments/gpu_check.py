@@ -8,7 +8,7 @@ what must hold, and ends with one summary (also in ``DIR/gpu_check.json``) to pa
    rerun with --resume; no host synchronisation per training step;
 2. correctness on its backbone: the masked forward on CUDA against each row run alone and
    against the CPU, fp32 against the amp dtype (bf16, or fp16 where bf16 is not native), the
-   device data path against the CPU one;
+   device data path against the CPU one; per-rung classifiers (path heads) likewise;
 3. exact resume on CUDA under deterministic algorithms (``use_deterministic_training``);
 4. compiled training with stochastic depth (``pretrain.compile``: the masked forward's blocks);
 5. the distributed path with world size 1 (``torchrun --nproc_per_node=1``, NCCL);
@@ -106,11 +106,12 @@ def masked_forward(backbone: torch.nn.Module, device: torch.device) -> dict:
     mask = torch.rand(64, model.num_blocks, generator=gen) < 0.5
     tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    on_cpu = copy.deepcopy(model).cpu()  # outside inference mode: inference tensors have no version counter
     try:
         with torch.inference_mode():
             batched = model(x.to(device), mask.to(device)).cpu()
             rows = torch.cat([model(x[i : i + 1].to(device), mask[i : i + 1].to(device)).cpu() for i in range(64)])
-            cpu = copy.deepcopy(model).cpu()(x, mask)
+            cpu = on_cpu(x, mask)
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
     dtype = amp_dtype(device)
@@ -126,6 +127,32 @@ def masked_forward(backbone: torch.nn.Module, device: torch.device) -> dict:
     check(result["max_abs_diff_masked_vs_per_row"] < 1e-4, f"masked forward differs from per-row: {result}")
     check(result["max_abs_diff_cuda_vs_cpu"] < 1e-3, f"CUDA masked forward differs from the CPU: {result}")
     check(result["amp_top1_agreement"] >= 0.95, f"{result['amp_dtype']} disagrees with fp32: {result}")
+    result.update(path_heads_forward(model, x, dtype, device))
+    return result
+
+
+def path_heads_forward(model: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype, device: torch.device) -> dict:
+    """A ladder pair's per-rung classifiers (finetune.refit_heads) on CUDA: rows of four paths,
+    batched against each row alone and against the CPU, and under autocast."""
+    L = model.num_blocks
+    ladder = torch.stack([torch.arange(L) < k for k in (L // 4 + 1, L // 2 + 1, 3 * L // 4 + 1, L)])
+    heads = copy.deepcopy(model).attach_path_heads(ladder)
+    with torch.no_grad():
+        heads.path_heads.weight.add_(0.1 * torch.randn_like(heads.path_heads.weight))
+    masks = ladder[torch.randint(0, 4, (len(x),), generator=torch.Generator().manual_seed(1))].to(device)
+    on_cpu = copy.deepcopy(heads).cpu()
+    with torch.inference_mode():
+        batched = heads(x.to(device), masks).cpu()
+        rows = torch.cat([heads(x[i : i + 1].to(device), masks[i : i + 1]).cpu() for i in range(len(x))])
+        cpu = on_cpu(x, masks.cpu())
+        with torch.autocast(device.type, dtype=dtype):
+            low = heads(x.to(device), masks).float().cpu()
+    result = {"path_heads_max_abs_diff_batched_vs_per_row": (batched - rows).abs().max().item(),
+              "path_heads_max_abs_diff_cuda_vs_cpu": (batched - cpu).abs().max().item(),
+              "path_heads_amp_top1_agreement": (low.argmax(1) == batched.argmax(1)).float().mean().item()}
+    check(result["path_heads_max_abs_diff_batched_vs_per_row"] < 1e-3, f"path heads: batched differs from per-row: {result}")
+    check(result["path_heads_max_abs_diff_cuda_vs_cpu"] < 1e-3, f"path heads: CUDA differs from the CPU: {result}")
+    check(result["path_heads_amp_top1_agreement"] >= 0.95, f"path heads: amp disagrees with fp32: {result}")
     return result
 
 

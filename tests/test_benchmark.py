@@ -73,3 +73,21 @@ def test_gpu_check_says_clearly_when_there_is_no_gpu(tmp_path, capsys):
 
     assert gpu_check.main(["--out", str(tmp_path / "gpu")]) == 2
     assert "no CUDA device" in capsys.readouterr().err and not (tmp_path / "gpu").exists()
+
+
+def test_gpu_checks_masked_forward_and_path_heads_run_on_the_cpu(monkeypatch):
+    """The GPU check's correctness part (check 2, path heads included) on the CPU with bf16
+    autocast: the machine with a GPU is lent rarely, so its code must not wait for it to fail."""
+    import torch
+
+    from backbone.models.resnet import build_resnet
+    from experiments import gpu_check
+
+    torch.manual_seed(0)
+    model = build_resnet(20, num_classes=10, width=8).eval()
+    for block in model.blocks:  # blocks that are not the identity
+        torch.nn.init.ones_(block.bn2.weight)
+    monkeypatch.setattr(gpu_check, "amp_dtype", lambda device: torch.bfloat16)
+    result = gpu_check.masked_forward(model, torch.device("cpu"))
+    assert result["max_abs_diff_masked_vs_per_row"] < 1e-4 and result["path_heads_max_abs_diff_batched_vs_per_row"] < 1e-3
+    assert result["amp_dtype"] == "bfloat16" and result["path_heads_amp_top1_agreement"] >= 0.95

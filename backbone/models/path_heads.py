@@ -23,6 +23,9 @@ import torch.nn.functional as F
 
 
 class PathHeads(nn.Module):
+    """K linear classifiers, one per keep mask in ``masks``, called with the pooled features and
+    each row's mask (``SkippableResNet.head``)."""
+
     def __init__(self, masks: torch.Tensor | int, fc: nn.Linear, num_blocks: int):
         """``masks``: the K distinct paths (K, num_blocks); an int K: K placeholders that a
         checkpoint's state dict then fills (``weights.model_from_arch``)."""
@@ -55,9 +58,13 @@ class PathHeads(nn.Module):
             k = paths[0]
             return fc(features) if k < 0 else F.linear(features, self.weight[k], self.bias[k])
         index = torch.tensor(index, device=features.device)
-        logits = features.new_empty(features.shape[0], self.bias.shape[1])
+        parts = []
         for k in paths:
             rows = (index == k).nonzero().squeeze(1)
             x = features.index_select(0, rows)
-            logits = logits.index_copy(0, rows, fc(x) if k < 0 else F.linear(x, self.weight[k], self.bias[k]))
+            parts.append((rows, fc(x) if k < 0 else F.linear(x, self.weight[k], self.bias[k])))
+        # In the heads' output dtype (under autocast it may differ from the features').
+        logits = parts[0][1].new_empty(features.shape[0], parts[0][1].shape[1])
+        for rows, part in parts:
+            logits = logits.index_copy(0, rows, part)
         return logits
