@@ -182,7 +182,7 @@ class DynamicModel(BackboneWrapper):
         h = self.backbone.stem(images)
         if self.env == "oneshot":
             masks = self.greedy_masks(self.observe(images, h))
-            return self.backbone.head(self.backbone.run_blocks(h, masks), masks)
+            return self.backbone.classify(self.backbone.run_blocks(h, masks), masks)
         used = torch.zeros(images.shape[0], dtype=torch.long, device=images.device)
         for i, block in enumerate(self.backbone.blocks):
             run = greedy_decisions(self.policy, self._sequential_obs(h, i, used)) == 1

@@ -244,7 +244,7 @@ class SkipTask:
         last step on top of its ``seq_step_reward`` (1[correct] for linear, the episode reward for
         blockdrop). ``keep_mask``: the executed blocks (B, L), needed for "keep_mask" and "flops"."""
         with torch.no_grad():
-            logits = self.backbone.head(h, keep_mask)
+            logits = self.backbone.classify(h, keep_mask)
         result = self._result(logits, idx.to(self.device), blocks_used, keep_mask)
         dense = block_cost(self.reward, self.num_blocks) is not None
         final = result["score"] if "score" in result else result["correct"].to(torch.float32)

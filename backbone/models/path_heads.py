@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 class PathHeads(nn.Module):
     """K linear classifiers, one per keep mask in ``masks``, called with the pooled features and
-    each row's mask (``SkippableResNet.head``)."""
+    each row's mask (``SkippableResNet.classify``)."""
 
     def __init__(self, masks: torch.Tensor | int, fc: nn.Linear, num_blocks: int):
         """``masks``: the K distinct paths (K, num_blocks); an int K: K placeholders that a

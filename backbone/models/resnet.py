@@ -190,11 +190,14 @@ class SkippableResNet(nn.Module):
         """(batch, feature_dim): the last block's output pooled, what the classifier reads."""
         raise NotImplementedError
 
-    def head(self, x: torch.Tensor, keep_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits of the last block's output ``x``; with path heads and the rows' ``keep_mask``,
-        each row by its path's own classifier."""
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(x))
+
+    def classify(self, x: torch.Tensor, keep_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of the last block's output ``x``: ``head``, or with path heads and the rows'
+        ``keep_mask``, each row by its path's own classifier."""
         if self.path_heads is None or keep_mask is None:
-            return self.fc(self.pool(x))
+            return self.head(x)
         return self.path_heads(self.pool(x), keep_mask, self.fc)
 
     def forward(self, x: torch.Tensor, keep_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -207,13 +210,13 @@ class SkippableResNet(nn.Module):
         """
         order = self._inference_order(keep_mask, x.shape[0])
         if order is None:
-            return self.head(self.run_blocks(self.stem(x), keep_mask), keep_mask)
+            return self.classify(self.run_blocks(self.stem(x), keep_mask), keep_mask)
         # Sorting the images (3 channels, often uint8) costs far less than sorting an activation:
         # the blocks then find their kept rows in contiguous ranges (run_blocks); the logits go
         # back to the caller's order.
         order = order.to(x.device)
         keep_mask = keep_mask.index_select(0, order.to(keep_mask.device))
-        logits = self.head(self.run_blocks(self.stem(x.index_select(0, order)), keep_mask), keep_mask)
+        logits = self.classify(self.run_blocks(self.stem(x.index_select(0, order)), keep_mask), keep_mask)
         return torch.empty_like(logits).index_copy_(0, order, logits)
 
     def _inference_order(self, keep_mask: torch.Tensor | None, batch: int) -> torch.Tensor | None:
