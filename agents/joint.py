@@ -37,11 +37,10 @@ import torch
 from agents.pair import DynamicModel
 from backbone.data.batching import BatchLoader
 from backbone.data.datasets import ImageDataset
-from backbone.data.streaming import in_memory
 from backbone.errors import ConfigError
 from backbone.training import distributed
 from backbone.training.loop import TrainConfig, train
-from backbone.training.refit import refit_heads
+from backbone.training.refit import refit_heads, refit_images
 from envs.rewards import RewardConfig, episode_reward, reward_score
 
 
@@ -185,8 +184,7 @@ def joint_finetune(
     if cfg.refit_heads:
         if pair.ladder is not None and pair.backbone.path_heads is None:
             pair.backbone.attach_path_heads(pair.ladder.cpu())
-        # The same seeded images on every rank, so every rank refits the same heads.
-        refit_s = refit_heads(pair.backbone, in_memory(train_set, cfg.refit_heads, seed + 3),
+        refit_s = refit_heads(pair.backbone, refit_images(train_set, cfg.refit_heads, seed),
                               lambda images: pair.decide(images, deterministic=True))
     distributed.check_same_on_all_ranks(pair, "the backbone and policy")
     if writer is not None and policy_step.history:

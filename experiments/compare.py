@@ -38,22 +38,20 @@ from backbone.baselines import (
     mask_string,
     oracle_curve,
     random_keep_masks,
-    static_family_for_flops,
-    static_torchvision_for_flops,
 )
 from backbone.data.datasets import Splits, load_splits
-from backbone.data.streaming import image_size_of, in_memory
+from backbone.data.streaming import image_size_of
 from backbone.errors import ConfigError
 from backbone.models.cost import measure_backbone_cost
-from backbone.models.torchvision_resnet import build_torchvision_resnet, resolve_weights
-from backbone.models.weights import load_checkpoint, load_model, model_from_arch, save_checkpoint
+from backbone.models.weights import load_checkpoint, load_model, save_checkpoint
 from backbone.training import distributed
 from backbone.training.loop import evaluate, predict, resolve_device, stochastic_depth_sampler, train
-from backbone.training.refit import refit_heads
+from backbone.training.refit import refit_heads, refit_images
 from experiments.common import cli, config_from_args, experiment_parser, finished_stage, tensorboard_writer, update_metrics
 from experiments.config import ExperimentConfig
 from experiments.curves import accuracy_at, headline, point
 from experiments.pretrain import backbone_path, load_backbone
+from experiments.static_networks import static_description, static_networks, static_recipe
 from experiments.train_policy import run_ladder
 
 STAGE = "compare"
@@ -98,7 +96,7 @@ def finetuned_on_masks(cfg: ExperimentConfig, backbone, name: str, sampler, spli
     if cfg.finetune.refit_heads:  # the pair's refit (agents.joint), on the same images, with this method's masks
         gen = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed + 3)
         masks_for = None if sampler is None else (lambda images: sampler(images, None, gen))
-        train_time += refit_heads(model, in_memory(splits.train, cfg.finetune.refit_heads, cfg.seed + 3), masks_for)
+        train_time += refit_heads(model, refit_images(splits.train, cfg.finetune.refit_heads, cfg.seed), masks_for)
     save_checkpoint(out, model, train_time_s=train_time)
     return model, train_time
 
@@ -199,98 +197,13 @@ def gates_for_budgets(cfg, backbone, splits, device, pretrain_time, resume) -> l
             train_time = sum(r["epoch_time_s"] for r in history["history"])
             if cfg.finetune.refit_heads:  # as every fine-tuned method: the classifier, on the gates' own decisions
                 gated.eval()
-                train_time += refit_heads(gated.backbone, in_memory(splits.train, cfg.finetune.refit_heads, cfg.seed + 3),
+                train_time += refit_heads(gated.backbone, refit_images(splits.train, cfg.finetune.refit_heads, cfg.seed),
                                           lambda images: (gated(images), gated.last_keep_mask)[1])
             save_checkpoint(out / "gated.pt", gated, train_time_s=train_time)
         m = evaluate_gates(gated, splits.test)
         points.append(point(m["flops_ratio"], m["accuracy"], pretrain_time + train_time, target=budget,
                             blocks_used_std=m["blocks_used_std"]))
     return points
-
-
-def static_recipe(cfg: ExperimentConfig):
-    """The static networks' recipe: the backbone's, from scratch, without stochastic depth or distillation."""
-    epochs = cfg.study.static_epochs or cfg.pretrain.epochs
-    if epochs < 1:
-        raise ConfigError("the backbone is imported (pretrain.epochs: 0): set study.static_epochs, the "
-                          "from-scratch budget of the static networks (e.g. the imported backbone's epochs)")
-    warmup = min(cfg.pretrain.warmup_epochs, max(0.0, epochs - 1))
-    # From scratch: no trained model to distil from at the start.
-    return dataclasses.replace(cfg.pretrain, epochs=epochs, stochastic_depth=0.0, warmup_epochs=warmup, distill=0.0)
-
-
-def static_start(cfg: ExperimentConfig, backbone) -> str:
-    """Where the static networks start: scratch, or for a torchvision backbone with
-    ``model.weights`` each depth's ImageNet weights (the family's own name for them, else DEFAULT)."""
-    if backbone.arch.get("family") == "torchvision" and cfg.model.weights is not None:
-        return "ImageNet weights"
-    return "scratch"
-
-
-def static_weights(weights: str, name: str) -> str:
-    """``weights`` where torchvision has them for ``name`` (resnet18/34 have only V1), else DEFAULT."""
-    try:
-        return resolve_weights(name, weights).name
-    except ConfigError:  # no such weights for this depth, or a file for the backbone's depth only
-        return "DEFAULT"
-
-
-def static_model(cfg: ExperimentConfig, backbone, knob: dict):
-    """A fresh static network of ``knob`` like ``backbone`` (classes, normalisation, shortcut)."""
-    a = backbone.arch
-    if "arch" not in knob:
-        return model_from_arch({**a, "depth": knob["depth"], "width": knob["width"]})
-    if static_start(cfg, backbone) == "scratch":
-        return model_from_arch({**a, "name": knob["arch"]})
-    return build_torchvision_resnet(knob["arch"], a["num_classes"], static_weights(cfg.model.weights, knob["arch"]),
-                                    a["normalization"], new_head=True)
-
-
-def static_networks(cfg, backbone, cost, splits, device, resume) -> list[dict]:
-    """One plain ResNet per budget: the CIFAR depth × width whose FLOPs lie closest to it, or the
-    closest of torchvision's ResNet-18/34/50 for a torchvision backbone. Budgets that pick the
-    same network share it."""
-    recipe, points, trained = static_recipe(cfg), [], {}
-    image_size = image_size_of(splits.train)
-    for budget in cfg.study.budgets:
-        if backbone.arch.get("family") == "torchvision":
-            tv_name, flops = static_torchvision_for_flops(budget * cost.full_flops, backbone, image_size)
-            name, knob = f"static_{tv_name}", {"arch": f"tv_{tv_name}"}
-        else:
-            depth, width, flops = static_family_for_flops(budget * cost.full_flops, backbone, image_size=image_size)
-            name, knob = f"static_d{depth}_w{width}", {"depth": depth, "width": width}
-        out = cfg.run_dir / "baselines" / f"{name}.pt"
-        if name in trained:
-            model, train_time = trained[name]
-        elif out.exists() and (resume or cfg.study.share_backbone):  # resumed, or the first seed's (run.share_backbone)
-            model, train_time = load_model(out).to(device), load_checkpoint(out)["train_time_s"]
-        else:
-            torch.manual_seed(cfg.seed)
-            model = static_model(cfg, backbone, knob).to(device)
-            writer = tensorboard_writer(cfg.run_dir, name)
-            try:
-                history = train(model, splits.train, splits.val, recipe, checkpoint_dir=out.parent / f"checkpoints_{name}",
-                                writer=writer, resume=resume, seed=cfg.seed, desc=name)
-            finally:
-                writer.close()
-            train_time = sum(r["epoch_time_s"] for r in history["history"])
-            save_checkpoint(out, model, train_time_s=train_time)
-        trained[name] = model, train_time
-        points.append(point(flops / cost.full_flops, evaluate(model, splits.test)["accuracy"], train_time,
-                            **knob, budget=budget, epochs=recipe.epochs))
-    return points
-
-
-def static_description(cfg: ExperimentConfig, backbone) -> dict:
-    """The report's words on the static networks: where they start and what the family holds."""
-    start = static_start(cfg, backbone)
-    text = "from scratch" if start == "scratch" else "from each depth's ImageNet weights (a fresh classifier)"
-    if backbone.arch.get("family") == "torchvision":
-        family = "torchvision depths tv_resnet18/34/50 only"
-        text += f" ({family}: the closest in FLOPs to each budget, which need not lie within 3% of it)"
-    else:
-        family = "CIFAR depth × width"
-    return {"from": text, "start": start, "family": family}
 
 
 def gap_closed(curves: dict, oracle: dict, budgets: list[float]) -> list[dict]:

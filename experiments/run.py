@@ -26,7 +26,8 @@ from experiments.common import (
     update_metrics,
     write_json,
 )
-from experiments.compare import run_compare, static_recipe
+from experiments.compare import run_compare
+from experiments.static_networks import static_recipe
 from experiments.config import ExperimentConfig
 from experiments.curves import seed_summary
 from experiments.evaluate import evaluate_run

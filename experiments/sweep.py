@@ -44,7 +44,8 @@ from backbone.errors import ConfigError
 from backbone.training.loop import resolve_device
 from experiments.common import (cli, config_from_args, experiment_parser, owning, prepare_output_dir, prepare_run_dir,
                                 release_run_dir, write_json)
-from experiments.compare import run_compare, static_recipe, with_policy_curves
+from experiments.compare import run_compare, with_policy_curves
+from experiments.static_networks import static_recipe
 from experiments.config import ExperimentConfig, from_dict, to_dict
 from experiments.evaluate import evaluate_run
 from experiments.finetune import finetune_dir, finetune_section, run_finetune

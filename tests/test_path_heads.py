@@ -7,9 +7,8 @@ from agents.joint import FinetuneConfig, joint_finetune
 from agents.rl import PolicyConfig, build_model, make_dynamic_model, make_vec_env
 from backbone import build_resnet
 from backbone.data.datasets import make_synthetic, split_train_val
-from backbone.data.streaming import in_memory
 from backbone.errors import CheckpointError, ConfigError
-from backbone.training.refit import pooled_features, refit_heads
+from backbone.training.refit import pooled_features, refit_heads, refit_images
 from backbone.models.torchvision_resnet import build_torchvision_resnet
 from backbone.models.weights import load_model, load_weights, save_checkpoint
 from envs.block_skip import SkipTask
@@ -145,8 +144,8 @@ def test_joint_finetuning_refits_a_head_per_rung(tmp_path):
     assert heads is not None and torch.equal(heads.masks, LADDER) and result["refit_time_s"] > 0
     # The rungs the policy sends some of the refit images to (the same seeded images) are refitted,
     # each away from the shared head and from the others, and fit their path's features better.
-    refit_images = in_memory(train_set, 64, seed=3).images
-    used = set(heads.path_index(pair.decide(refit_images, deterministic=True)))
+    images = refit_images(train_set, 64, seed=0).images
+    used = set(heads.path_index(pair.decide(images, deterministic=True)))
     assert len(used) >= 2
     fc_w = pair.backbone.fc.weight.detach()
     moved = {k for k in range(3) if (heads.weight[k] - fc_w).abs().max() > 1e-3}

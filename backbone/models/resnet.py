@@ -145,8 +145,7 @@ class SkippableResNet(nn.Module):
         self.path_heads: PathHeads | None = None
 
     def attach_path_heads(self, masks: torch.Tensor | int) -> SkippableResNet:
-        """Give each of the K paths ``masks`` (K, num_blocks) its own classifier, a copy of ``fc``
-        (``backbone.models.path_heads``), recorded in ``arch`` so that ``load_model`` rebuilds it."""
+        """One classifier per path of ``masks`` (``backbone.models.path_heads``), kept in ``arch``."""
         self.path_heads = PathHeads(masks, self.fc, self.num_blocks).to(self.fc.weight.device)
         self.arch = {**self.arch, "path_heads": len(self.path_heads.masks)}
         return self
@@ -186,16 +185,14 @@ class SkippableResNet(nn.Module):
     def stem(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def pool(self, x: torch.Tensor) -> torch.Tensor:
-        """(batch, feature_dim): the last block's output pooled, what the classifier reads."""
+    def pool(self, x: torch.Tensor) -> torch.Tensor:  # (batch, feature_dim): what the classifier reads
         raise NotImplementedError
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.pool(x))
 
     def classify(self, x: torch.Tensor, keep_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits of the last block's output ``x``: ``head``, or with path heads and the rows'
-        ``keep_mask``, each row by its path's own classifier."""
+        """``head``, or with path heads and the rows' ``keep_mask``, each row's path's classifier."""
         if self.path_heads is None or keep_mask is None:
             return self.head(x)
         return self.path_heads(self.pool(x), keep_mask, self.fc)

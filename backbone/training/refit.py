@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from backbone.data.datasets import ImageDataset
+from backbone.data.streaming import in_memory
 from backbone.training import distributed
 
 L2 = 1e-4  # per weight, against the mean cross-entropy: small, only there to bound the solution
@@ -29,6 +30,12 @@ MAX_ITERATIONS = 200
 
 
 MasksFor = Callable[[torch.Tensor], torch.Tensor]  # a batch of images -> their (B, L) keep masks
+
+
+def refit_images(train_set, num_images: int, seed: int) -> ImageDataset:
+    """The refit's images: a seeded stratified subset of the training split, in memory: the same
+    for every method of a run (so their refits compare) and on every rank under torchrun."""
+    return in_memory(train_set, num_images, seed + 3)
 
 
 @torch.no_grad()
