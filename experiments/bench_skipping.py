@@ -11,7 +11,7 @@ import torch
 
 from backbone.cpu_allocator import allocator_setting
 from backbone.errors import ConfigError
-from backbone.models import masked
+from backbone.models import fused, masked
 from backbone.models.cost import measure_backbone_cost, median_ratio, median_times, peak_memory_mb, time_per_block
 from backbone.models.torchvision_resnet import build_backbone, is_torchvision_name
 
@@ -80,7 +80,8 @@ def bench_skipping(arch: str, batch: int, keep_rates, mask_kinds, device, warmup
             "dtype": "bf16" if amp else "fp32",
             "compiled": compile_blocks,
             "cpu_allocator": allocator_setting(),
-            "max_ranges": masked.MAX_RANGES,  # blocks on slices of the sorted rows (0: gathers only)
+            "max_ranges": masked.MAX_RANGES,
+            "post_ops": fused.POST_OPS,  # convolutions with their BN, ReLU and sum fused (oneDNN, CPU)  # blocks on slices of the sorted rows (0: gathers only)
             "blocks_kept": mask.float().mean().item(),
             "distinct_masks": len(torch.unique(mask, dim=0)),
             "time_full_ms": times["full"] * 1e3 / calls,

@@ -51,7 +51,7 @@ from backbone.cpu_allocator import allocator_setting
 from backbone.models.cost import median_times, peak_memory_mb
 from backbone.data.datasets import make_synthetic
 from backbone.errors import ConfigError
-from backbone.models import masked
+from backbone.models import fused, masked
 from backbone.models.resnet import build_resnet
 from backbone.models.torchvision_resnet import is_torchvision_name, parse_torchvision_name
 from backbone.training.loop import resolve_device
@@ -268,6 +268,8 @@ def main(argv=None) -> None:
     parser.add_argument("--max-ranges", type=int, default=None,
                         help="a block runs on slices of the sorted batch when its kept rows form at most this many "
                              "ranges (default: backbone.models.masked.MAX_RANGES; 0: always gather and scatter)")
+    parser.add_argument("--no-post-ops", action="store_true",
+                        help="convolutions without their fused BN-ReLU-sum post-ops (backbone.models.fused.POST_OPS off)")
     parser.add_argument("--image-size", type=int, default=None,
                         help="skipping cases' input size (default: the family's, 32 CIFAR / 224 torchvision)")
     parser.add_argument("--json", type=Path, default=None, help="write the records to this file")
@@ -291,6 +293,8 @@ def main(argv=None) -> None:
         parser.error(str(exc))
     if args.max_ranges is not None:
         masked.MAX_RANGES = args.max_ranges
+    if args.no_post_ops:
+        fused.POST_OPS = False
     archs = ["resnet56"] if args.quick else args.arch
     batches = args.batch or ([1, 256, 1024] if device.type == "cuda" else [1, 256])
     records = []

@@ -86,8 +86,8 @@ def run_block_on_ranges(block: nn.Module, x: torch.Tensor, runs: list[tuple[int,
     if not block.downsamples:
         for start, stop in runs:
             rows = x[start:stop]
-            if call is call_block and getattr(block, "relu_of_sum", False):
-                rows.add_(block.residual(rows)).relu_()  # written straight into x: no copy at all
+            if call is call_block and hasattr(block, "add_residual_"):
+                block.add_residual_(rows)  # written straight into x: no copy at all
             else:  # a compiled block returns a fresh tensor
                 rows.copy_(call(block, rows, None))
         return x

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from backbone.models.fused import add_relu_, conv_bn
+from backbone.models.fused import add_relu_, conv_bn, conv_bn_add_relu
 from backbone.models.path_heads import PathHeads
 from backbone.models.masked import (
     SortedRows,
@@ -95,7 +95,6 @@ def _shortcut(in_planes: int, planes: int, stride: int, kind: str) -> nn.Module:
 class BasicBlock(nn.Module):
     """Two 3x3 convolutions with a shortcut: ``relu(shortcut(x) + gate * residual(x))``."""
 
-    relu_of_sum = True  # forward is relu(skip(x) + residual(x)): the masked runner may add in place
 
     def __init__(self, in_planes: int, planes: int, stride: int = 1, shortcut: str = "A"):
         super().__init__()
@@ -111,15 +110,23 @@ class BasicBlock(nn.Module):
         self.downsamples = not isinstance(self.shortcut, nn.Identity)
 
     def residual(self, x: torch.Tensor) -> torch.Tensor:
-        return conv_bn(self.conv2, self.bn2, F.relu(conv_bn(self.conv1, self.bn1, x), inplace=True))
+        return conv_bn(self.conv2, self.bn2, self.before_last_conv(x))
+
+    def before_last_conv(self, x: torch.Tensor) -> torch.Tensor:
+        return conv_bn(self.conv1, self.bn1, x, relu=True)
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
-        residual = self.residual(x)
-        if gate is not None:
-            # gate is 1 for every row that gets here; multiplying keeps the value and lets a
-            # differentiable gate receive d(loss)/d(gate) = <grad, residual>.
-            residual = residual * gate.view(-1, 1, 1, 1).to(residual.dtype)
+        if gate is None:  # the last convolution, its BN, the sum and the ReLU: one call where fused
+            return conv_bn_add_relu(self.conv2, self.bn2, self.before_last_conv(x), self.shortcut(x))
+        # gate is 1 for every row that gets here; multiplying keeps the value and lets a
+        # differentiable gate receive d(loss)/d(gate) = <grad, residual>.
+        residual = self.residual(x) * gate.view(-1, 1, 1, 1).to(x.dtype)
         return add_relu_(residual, self.shortcut(x))
+
+    def add_residual_(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` becomes ``relu(x + residual(x))`` in place (an identity-shortcut block on rows
+        that nobody else needs: the masked runner's)."""
+        return conv_bn_add_relu(self.conv2, self.bn2, self.before_last_conv(x), x, inplace=True)
 
     def skip(self, x: torch.Tensor) -> torch.Tensor:
         """What a row whose keep bit is clear gets: the shortcut alone."""
@@ -345,7 +352,7 @@ class CifarResNet(SkippableResNet):
         x = x.contiguous(memory_format=memory_format_of(self.conv1.weight))
         scale = self.input_scale_uint8 if x.dtype == torch.uint8 else self.input_scale
         x = torch.addcmul(self.input_shift, x.float(), scale)
-        return F.relu(conv_bn(self.conv1, self.bn1, x), inplace=True)
+        return conv_bn(self.conv1, self.bn1, x, relu=True)
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)

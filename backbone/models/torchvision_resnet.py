@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from backbone.errors import CheckpointError, ConfigError
-from backbone.models.fused import add_relu_, conv_bn
+from backbone.models.fused import add_relu_, conv_bn, conv_bn_add_relu
 from backbone.models.masked import memory_format_of
 from backbone.models.resnet import SkippableResNet, _normalization, build_resnet
 
@@ -39,24 +39,34 @@ class TorchvisionBlock(nn.Module):
     the layers and ``residual``. ``downsample``: None (identity shortcut) or 1x1 conv + BN."""
 
     expansion = 1
-    relu_of_sum = True  # see backbone.models.resnet.BasicBlock
     downsample: nn.Module | None
     downsamples: bool  # downsample is not None; a plain attribute (see backbone.models.resnet.BasicBlock)
 
-    def residual(self, x: torch.Tensor) -> torch.Tensor:
+    def before_last_conv(self, x: torch.Tensor) -> torch.Tensor:
+        """The residual branch up to the input of its last convolution."""
         raise NotImplementedError
+
+    def last_conv_bn(self) -> tuple[nn.Conv2d, nn.BatchNorm2d]:
+        raise NotImplementedError
+
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
+        return conv_bn(*self.last_conv_bn(), self.before_last_conv(x))
 
     def skip(self, x: torch.Tensor) -> torch.Tensor:
         """What a row whose keep bit is clear gets: the shortcut alone (identity or downsample)."""
         return x if self.downsample is None else conv_bn(self.downsample[0], self.downsample[1], x)
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
-        residual = self.residual(x)
-        if gate is not None:
-            # gate is 1 for every row that gets here; multiplying keeps the value and lets a
-            # differentiable gate receive d(loss)/d(gate) = <grad, residual>.
-            residual = residual * gate.view(-1, 1, 1, 1).to(residual.dtype)
+        if gate is None:  # the last convolution, its BN, the sum and the ReLU: one call where fused
+            return conv_bn_add_relu(*self.last_conv_bn(), self.before_last_conv(x), self.skip(x))
+        # gate is 1 for every row that gets here; multiplying keeps the value and lets a
+        # differentiable gate receive d(loss)/d(gate) = <grad, residual>.
+        residual = self.residual(x) * gate.view(-1, 1, 1, 1).to(x.dtype)
         return add_relu_(residual, self.skip(x))
+
+    def add_residual_(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` becomes ``relu(x + residual(x))`` in place (see backbone.models.resnet.BasicBlock)."""
+        return conv_bn_add_relu(*self.last_conv_bn(), self.before_last_conv(x), x, inplace=True)
 
 
 class TorchvisionBasicBlock(TorchvisionBlock):
@@ -72,8 +82,11 @@ class TorchvisionBasicBlock(TorchvisionBlock):
         self.downsamples = downsample is not None
         self.stride = stride
 
-    def residual(self, x: torch.Tensor) -> torch.Tensor:
-        return conv_bn(self.conv2, self.bn2, F.relu(conv_bn(self.conv1, self.bn1, x), inplace=True))
+    def before_last_conv(self, x: torch.Tensor) -> torch.Tensor:
+        return conv_bn(self.conv1, self.bn1, x, relu=True)
+
+    def last_conv_bn(self) -> tuple[nn.Conv2d, nn.BatchNorm2d]:
+        return self.conv2, self.bn2
 
 
 class TorchvisionBottleneck(TorchvisionBlock):
@@ -93,10 +106,11 @@ class TorchvisionBottleneck(TorchvisionBlock):
         self.downsamples = downsample is not None
         self.stride = stride
 
-    def residual(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.relu(conv_bn(self.conv1, self.bn1, x), inplace=True)
-        h = F.relu(conv_bn(self.conv2, self.bn2, h), inplace=True)
-        return conv_bn(self.conv3, self.bn3, h)
+    def before_last_conv(self, x: torch.Tensor) -> torch.Tensor:
+        return conv_bn(self.conv2, self.bn2, conv_bn(self.conv1, self.bn1, x, relu=True), relu=True)
+
+    def last_conv_bn(self) -> tuple[nn.Conv2d, nn.BatchNorm2d]:
+        return self.conv3, self.bn3
 
 
 #: name: (block class, blocks per stage), as in torchvision.models.resnet.
@@ -186,7 +200,7 @@ class TorchvisionResNet(SkippableResNet):
         x = x.contiguous(memory_format=memory_format_of(self.conv1.weight))
         scale = self.input_scale_uint8 if x.dtype == torch.uint8 else self.input_scale
         x = torch.addcmul(self.input_shift, x.float(), scale)
-        return self.maxpool(F.relu(conv_bn(self.conv1, self.bn1, x), inplace=True))
+        return self.maxpool(conv_bn(self.conv1, self.bn1, x, relu=True))
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         return torch.flatten(self.avgpool(x), 1)
