@@ -26,7 +26,6 @@ from urllib.parse import urlparse
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from backbone.errors import CheckpointError, ConfigError
 from backbone.models.fused import add_relu_, conv_bn, conv_bn_add_relu
