@@ -91,6 +91,14 @@ def run_block_on_ranges(block: nn.Module, x: torch.Tensor, runs: list[tuple[int,
             else:  # a compiled block returns a fresh tensor
                 rows.copy_(call(block, rows, None))
         return x
+    if call is call_block and hasattr(block, "add_residual_"):
+        # Every row needs the shortcut (kept rows add their residual to it), so it runs once on the
+        # whole batch, one call, and each kept range adds its residual into it in place: no copy
+        # of kept outputs, and a convolution shortcut is not split into a call per range.
+        out = block.skip(x).contiguous(memory_format=memory_format_of(x))
+        for start, stop in runs:
+            block.add_residual_(x[start:stop], into=out[start:stop])
+        return out
     free_shortcut = getattr(getattr(block, "shortcut", None), "costs_no_flops", False)
     out = block.skip(x).contiguous(memory_format=memory_format_of(x)) if free_shortcut else None
     done = 0

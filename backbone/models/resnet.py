@@ -123,10 +123,12 @@ class BasicBlock(nn.Module):
         residual = self.residual(x) * gate.view(-1, 1, 1, 1).to(x.dtype)
         return add_relu_(residual, self.shortcut(x))
 
-    def add_residual_(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` becomes ``relu(x + residual(x))`` in place (an identity-shortcut block on rows
-        that nobody else needs: the masked runner's)."""
-        return conv_bn_add_relu(self.conv2, self.bn2, self.before_last_conv(x), x, inplace=True)
+    def add_residual_(self, x: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
+        """The block's output for rows ``x`` written in place into their shortcut ``into`` (default:
+        ``x`` itself, an identity shortcut): ``into`` becomes ``relu(into + residual(x))``. Only for
+        tensors that nobody else needs (the masked runner's rows)."""
+        into = x if into is None else into
+        return conv_bn_add_relu(self.conv2, self.bn2, self.before_last_conv(x), into, inplace=True)
 
     def skip(self, x: torch.Tensor) -> torch.Tensor:
         """What a row whose keep bit is clear gets: the shortcut alone."""

@@ -63,9 +63,11 @@ class TorchvisionBlock(nn.Module):
         residual = self.residual(x) * gate.view(-1, 1, 1, 1).to(x.dtype)
         return add_relu_(residual, self.skip(x))
 
-    def add_residual_(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` becomes ``relu(x + residual(x))`` in place (see backbone.models.resnet.BasicBlock)."""
-        return conv_bn_add_relu(*self.last_conv_bn(), self.before_last_conv(x), x, inplace=True)
+    def add_residual_(self, x: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
+        """``into`` (default ``x``) becomes ``relu(into + residual(x))`` in place (see
+        backbone.models.resnet.BasicBlock)."""
+        into = x if into is None else into
+        return conv_bn_add_relu(*self.last_conv_bn(), self.before_last_conv(x), into, inplace=True)
 
 
 class TorchvisionBasicBlock(TorchvisionBlock):
