@@ -28,18 +28,24 @@ import torch.nn.functional as F
 
 
 try:
+    from torch.utils.flop_counter import conv_flop_count, register_flop_formula
+
     _MKLDNN_CONV = torch.ops.mkldnn._convolution_pointwise
     _MKLDNN_CONV_ADD_ = torch.ops.mkldnn._convolution_pointwise_.binary
     _MKLDNN_CONV_ADD = _MKLDNN_CONV.binary
     #: The fused oneDNN calls are used where they apply (``experiments.benchmark --no-post-ops``
     #: times the model without them).
     POST_OPS = torch.backends.mkldnn.is_available()
-except (AttributeError, RuntimeError):  # a build without oneDNN
+except (AttributeError, ImportError, RuntimeError):  # a build without oneDNN (or an older torch)
     POST_OPS = False
 
-if POST_OPS:
-    from torch.utils.flop_counter import conv_flop_count, register_flop_formula
+try:
+    torch.is_autocast_enabled("cpu")
+    _cpu_autocast = lambda: torch.is_autocast_enabled("cpu")  # noqa: E731
+except TypeError:  # torch < 2.4 takes no device type
+    _cpu_autocast = torch.is_autocast_cpu_enabled
 
+if POST_OPS:
     # FLOPs are counted by FlopCounterMode (backbone.models.cost), which knows aten's convolutions
     # only: a fused call counts as its convolution (post-ops, like every elementwise op, count 0).
     @register_flop_formula([torch.ops.mkldnn._convolution_pointwise])
@@ -62,7 +68,7 @@ def _post_ops_apply(conv: nn.Conv2d, x: torch.Tensor) -> bool:
     # oneDNN float32 on the CPU, outside autocast (whose casts the plain ops apply), and not where
     # PyTorch itself prefers its im2col path (a single small image: faster there than oneDNN).
     return (POST_OPS and x.dtype == torch.float32 and x.device.type == "cpu" and conv.padding_mode == "zeros"
-            and not isinstance(conv.padding, str) and not torch.is_autocast_enabled("cpu")
+            and not isinstance(conv.padding, str) and not _cpu_autocast()
             and (x.shape[0] > 1 or x.numel() > 20480))
 
 
