@@ -10,7 +10,8 @@ on the pretrained backbone) is scored both ways: each test image through the run
 picks, with one set of statistics for all rungs or with its rung's own. The difference says
 whether per-path statistics (switchable BatchNorm, as slimmable networks use per width) would
 help the policy, and how much of a fixed subset's fine-tuning gain a pass of statistics alone
-gives.
+gives. Beside the policy: the same rungs in the same proportions with each image's rung drawn at
+random (same FLOPs), so what the per-image choice itself adds is one number (``routing_gain``).
 """
 
 from __future__ import annotations
@@ -59,9 +60,14 @@ def recalibration_study(run_dir: Path, tag: str = "policy", num_images: int = 25
                      "accuracy": own.float().mean().item(), "accuracy_recalibrated": path.float().mean().item(),
                      "policy_images": int(routed.sum())})
     policy_flops = sum(row["flops_ratio"] * row["policy_images"] for row in rows) / len(rungs)
+    # What the per-image choice is worth: the same rungs in the same proportions, each image given
+    # a rung at random (expected accuracy), costs the same FLOPs; the difference is the routing's.
+    same_rungs_at_random = sum(row["accuracy"] * row["policy_images"] for row in rows) / len(rungs)
     return {"run": str(run_dir), "tag": tag, "finetuned": finetuned, "calibration_images": len(calibration), "test_images": len(rungs),
             "rungs": rows, "policy": {"flops_ratio": policy_flops, "accuracy": correct_own / len(rungs),
-                                      "accuracy_per_rung_statistics": correct_path / len(rungs)}}
+                                      "accuracy_per_rung_statistics": correct_path / len(rungs),
+                                      "same_rungs_at_random": same_rungs_at_random,
+                                      "routing_gain": correct_own / len(rungs) - same_rungs_at_random}}
 
 
 def main() -> None:
@@ -81,6 +87,8 @@ def main() -> None:
         p = result["policy"]
         print(f"policy {result['tag']} at {p['flops_ratio']:.3f} of the FLOPs: {100 * p['accuracy']:.2f}% with the "
               f"backbone's statistics, {100 * p['accuracy_per_rung_statistics']:.2f}% with each rung's own")
+        print(f"the same rungs in the same proportions, each image's rung drawn at random: {100 * p['same_rungs_at_random']:.2f}% "
+              f"(what the policy's per-image choice adds: {100 * p['routing_gain']:+.2f} points)")
 
     cli(lambda args: print_report(recalibration_study(args.run, args.tag, args.images, finetuned=args.finetuned), args.json, print_text), parser)
 

@@ -318,6 +318,9 @@ def test_batchnorm_recalibration_cli_scores_every_rung_and_the_policy_both_ways(
     assert [r["blocks"] for r in data["rungs"]] == [m.count("1") for m in ladder] and data["calibration_images"] == 64
     assert sum(r["policy_images"] for r in data["rungs"]) == data["test_images"] == 120
     assert all(0 <= r[k] <= 1 for r in data["rungs"] for k in ("accuracy", "accuracy_recalibrated"))
+    by_rung = sum(r["accuracy"] * r["policy_images"] for r in data["rungs"]) / data["test_images"]
+    assert data["policy"]["same_rungs_at_random"] == pytest.approx(by_rung)
+    assert data["policy"]["routing_gain"] == pytest.approx(data["policy"]["accuracy"] - by_rung)
     evaluated = run("--run", "runs/tiny", "--tag", "rungs", "--json", cwd=tmp_path, module="experiments.evaluate")
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     assert data["policy"]["accuracy"] == pytest.approx(json.loads(evaluated.stdout)["accuracy"])
