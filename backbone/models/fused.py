@@ -26,6 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from backbone.models.masked import memory_format_of
+
 
 try:
     from torch.utils.flop_counter import conv_flop_count, register_flop_formula
@@ -91,7 +93,7 @@ def conv_bn_add_relu(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, short
     ``inplace`` (it must then be nobody else's), else a new tensor (or the convolution's own output,
     summed in place: see :func:`add_relu_`)."""
     if (_foldable(bn) and _post_ops_apply(conv, x) and shortcut.dtype == x.dtype
-            and shortcut.is_contiguous(memory_format=_memory_format(x))):
+            and shortcut.is_contiguous(memory_format=memory_format_of(x))):
         weight, bias = _folded(conv, bn)
         if inplace:
             return _MKLDNN_CONV_ADD_(shortcut, x, weight, bias, *_geometry(conv), "add", None, "relu", [], "")
@@ -108,10 +110,6 @@ def _geometry(conv: nn.Conv2d) -> tuple:
         geometry = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
         conv.__dict__["_dyndepth_geometry"] = geometry
     return geometry
-
-
-def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    return torch.channels_last if _is_channels_last(x) else torch.contiguous_format
 
 
 def _sources(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple:
@@ -143,16 +141,12 @@ def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Te
         if bn.bias is not None:
             shift = shift + bn.bias.double()
         shape = (-1,) + (1,) * (conv.weight.dim() - 1)
-        fmt = torch.channels_last if _is_channels_last(conv.weight) else torch.contiguous_format
+        fmt = memory_format_of(conv.weight)
         weight = (conv.weight.double() * scale.view(shape)).to(conv.weight.dtype).contiguous(memory_format=fmt)
         bias = shift.to(conv.weight.dtype)
     # Stored outside the module's parameters and buffers: not in state_dict, not moved by .to().
     conv.__dict__["_dyndepth_folded"] = (key, weight, bias)
     return weight, bias
-
-
-def _is_channels_last(w: torch.Tensor) -> bool:
-    return w.dim() == 4 and not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last)
 
 
 def add_relu_(residual: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:

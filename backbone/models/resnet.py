@@ -19,7 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from backbone.models.fused import add_relu_, conv_bn, conv_bn_add_relu
+from backbone.models.blocks import ResidualBlock
+from backbone.models.fused import conv_bn
 from backbone.models.path_heads import PathHeads
 from backbone.models.masked import (
     SortedRows,
@@ -92,9 +93,8 @@ def _shortcut(in_planes: int, planes: int, stride: int, kind: str) -> nn.Module:
     return nn.Sequential(PointwiseConv(in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes))
 
 
-class BasicBlock(nn.Module):
+class BasicBlock(ResidualBlock):
     """Two 3x3 convolutions with a shortcut: ``relu(shortcut(x) + gate * residual(x))``."""
-
 
     def __init__(self, in_planes: int, planes: int, stride: int = 1, shortcut: str = "A"):
         super().__init__()
@@ -105,30 +105,13 @@ class BasicBlock(nn.Module):
         self.shortcut = _shortcut(in_planes, planes, stride, shortcut)
         self.out_planes = planes
         self.stride = stride
-        # A plain attribute, not a property over self.shortcut: a submodule lookup goes through
-        # nn.Module.__getattr__ (~1 µs), and the masked forward asks every block each call.
         self.downsamples = not isinstance(self.shortcut, nn.Identity)
-
-    def residual(self, x: torch.Tensor) -> torch.Tensor:
-        return conv_bn(self.conv2, self.bn2, self.before_last_conv(x))
 
     def before_last_conv(self, x: torch.Tensor) -> torch.Tensor:
         return conv_bn(self.conv1, self.bn1, x, relu=True)
 
-    def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
-        if gate is None:  # the last convolution, its BN, the sum and the ReLU: one call where fused
-            return conv_bn_add_relu(self.conv2, self.bn2, self.before_last_conv(x), self.shortcut(x))
-        # gate is 1 for every row that gets here; multiplying keeps the value and lets a
-        # differentiable gate receive d(loss)/d(gate) = <grad, residual>.
-        residual = self.residual(x) * gate.view(-1, 1, 1, 1).to(x.dtype)
-        return add_relu_(residual, self.shortcut(x))
-
-    def add_residual_(self, x: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
-        """The block's output for rows ``x`` written in place into their shortcut ``into`` (default:
-        ``x`` itself, an identity shortcut): ``into`` becomes ``relu(into + residual(x))``. Only for
-        tensors that nobody else needs (the masked runner's rows)."""
-        into = x if into is None else into
-        return conv_bn_add_relu(self.conv2, self.bn2, self.before_last_conv(x), into, inplace=True)
+    def last_conv_bn(self) -> tuple[nn.Conv2d, nn.BatchNorm2d]:
+        return self.conv2, self.bn2
 
     def skip(self, x: torch.Tensor) -> torch.Tensor:
         """What a row whose keep bit is clear gets: the shortcut alone."""

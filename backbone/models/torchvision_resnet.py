@@ -28,46 +28,22 @@ import torch
 import torch.nn as nn
 
 from backbone.errors import CheckpointError, ConfigError
-from backbone.models.fused import add_relu_, conv_bn, conv_bn_add_relu
+from backbone.models.blocks import ResidualBlock
+from backbone.models.fused import conv_bn
 from backbone.models.masked import memory_format_of
 from backbone.models.resnet import SkippableResNet, _normalization, build_resnet
 
 
-class TorchvisionBlock(nn.Module):
-    """What both block kinds share: ``relu(skip(x) + gate * residual(x))``; subclasses define
-    the layers and ``residual``. ``downsample``: None (identity shortcut) or 1x1 conv + BN."""
+class TorchvisionBlock(ResidualBlock):
+    """What both block kinds share (see backbone.models.blocks): ``downsample`` is None (identity
+    shortcut) or 1x1 conv + BN; subclasses define the layers."""
 
     expansion = 1
     downsample: nn.Module | None
-    downsamples: bool  # downsample is not None; a plain attribute (see backbone.models.resnet.BasicBlock)
-
-    def before_last_conv(self, x: torch.Tensor) -> torch.Tensor:
-        """The residual branch up to the input of its last convolution."""
-        raise NotImplementedError
-
-    def last_conv_bn(self) -> tuple[nn.Conv2d, nn.BatchNorm2d]:
-        raise NotImplementedError
-
-    def residual(self, x: torch.Tensor) -> torch.Tensor:
-        return conv_bn(*self.last_conv_bn(), self.before_last_conv(x))
 
     def skip(self, x: torch.Tensor) -> torch.Tensor:
         """What a row whose keep bit is clear gets: the shortcut alone (identity or downsample)."""
         return x if self.downsample is None else conv_bn(self.downsample[0], self.downsample[1], x)
-
-    def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
-        if gate is None:  # the last convolution, its BN, the sum and the ReLU: one call where fused
-            return conv_bn_add_relu(*self.last_conv_bn(), self.before_last_conv(x), self.skip(x))
-        # gate is 1 for every row that gets here; multiplying keeps the value and lets a
-        # differentiable gate receive d(loss)/d(gate) = <grad, residual>.
-        residual = self.residual(x) * gate.view(-1, 1, 1, 1).to(x.dtype)
-        return add_relu_(residual, self.skip(x))
-
-    def add_residual_(self, x: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
-        """``into`` (default ``x``) becomes ``relu(into + residual(x))`` in place (see
-        backbone.models.resnet.BasicBlock)."""
-        into = x if into is None else into
-        return conv_bn_add_relu(*self.last_conv_bn(), self.before_last_conv(x), into, inplace=True)
 
 
 class TorchvisionBasicBlock(TorchvisionBlock):
