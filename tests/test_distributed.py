@@ -227,6 +227,32 @@ def test_pretrain_stopped_and_killed_on_one_rank_resumes_bit_identical(tmp_path)
     assert [r["train_loss"] for r in a["history"]] == pytest.approx([r["train_loss"] for r in b["history"]], rel=1e-6)
 
 
+LEAVE_AND_COUNT_THREADS = """
+import os, sys
+from backbone.training import distributed
+threads = lambda: len(os.listdir("/proc/self/task"))
+before = threads()
+distributed.init_distributed("cpu")
+import torch._dynamo  # what a torch.compiler.disable'd function's first call (the stem's) imports
+distributed.all_reduce_flags([1])
+distributed.shutdown()
+open(os.path.join(sys.argv[1], "rank" + os.environ["RANK"]), "w").write(f"{before} {threads()}")
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc")
+def test_leaving_the_process_group_ends_its_worker_threads(tmp_path):
+    # Imported after the group exists, torch.distributed.nn kept it alive in default arguments: its
+    # gloo threads outlived main and 1 in ~30 runs died with SIGABRT while the interpreter exited.
+    (tmp_path / "leave.py").write_text(LEAVE_AND_COUNT_THREADS)
+    done = subprocess.run([*TORCHRUN, str(tmp_path / "leave.py"), str(tmp_path)], env=ENV, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in (0, 1):
+        before, after = (tmp_path / f"rank{rank}").read_text().split()
+        assert after == before, f"rank {rank}: {before} threads before joining, {after} after leaving"
+
+
 def test_torchrun_forwarding_the_terminals_ctrl_c_is_one_stop_request(monkeypatch):
     import backbone.training.interrupt as interrupt
 

@@ -136,6 +136,7 @@ def init_distributed(device: str = "auto", timeout_s: float | None = None) -> Di
         rank_device = torch.device("cpu")
     timeout = timeout_s if timeout_s is not None else float(os.environ.get("DYNDEPTH_DIST_TIMEOUT_S", 600))
     backend = "nccl" if use_cuda else "gloo"
+    _import_modules_that_capture_the_world_group()
     try:
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout))
         # Host-side flags on the CPU: with NCCL they would need a GPU tensor and a sync each step.
@@ -151,8 +152,22 @@ def init_distributed(device: str = "auto", timeout_s: float | None = None) -> Di
     return _context
 
 
+def _import_modules_that_capture_the_world_group() -> None:
+    """Import, before the process group exists, the torch modules that keep it alive otherwise.
+
+    ``torch.distributed.nn.functional`` takes ``group=group.WORLD`` as its functions' default
+    argument, evaluated at import; ``torch._dynamo`` imports it on first use (a
+    ``torch.compiler.disable``d function's first call, e.g. the stem's). Imported after
+    ``init_process_group``, those defaults hold the world group for ever: destroying it then frees
+    nothing, gloo's worker threads outlive ``main``, and one of them releasing a tensor while the
+    interpreter shuts down ended 1 in ~30 torchrun runs with SIGABRT ("terminate called without
+    an active exception"; tests/test_distributed.py checks that shutdown joins the threads).
+    """
+    import torch.distributed.nn  # noqa: F401
+
+
 def shutdown() -> None:
-    """Leave the process group (if this process joined one)."""
+    """Leave the process group (if this process joined one); its worker threads end here."""
     global _context
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
