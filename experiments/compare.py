@@ -14,6 +14,10 @@ policy or the gates), read at the FLOPs budgets of ``study.budgets`` (``experime
   with the pretraining recipe minus stochastic depth (``study.static_epochs`` epochs); for a
   torchvision backbone torchvision's ResNet-18/34/50, the closest in FLOPs to each budget (only
   these points exist), from ImageNet weights when ``model.weights`` is set;
+- **confidence cascades** (``experiments.cascade``): a fine-tuned fixed subset answers the images
+  it is sure of, a larger one (or the full backbone) the rest; the chain and thresholds for each
+  budget chosen on the held-out split (none without one). The simplest per-image compute, built
+  from the static networks above at their training budget: the control for whether adaptivity pays;
 - the **full backbone**, as it is and fine-tuned with the same budget (what the extra epochs
   alone are worth), and the **per-image oracle** among the fixed-subset masks (a bound: how much
   any per-image policy could gain on this backbone).
@@ -47,6 +51,7 @@ from backbone.models.weights import load_checkpoint, load_model, save_checkpoint
 from backbone.training import distributed
 from backbone.training.loop import evaluate, predict, resolve_device, stochastic_depth_sampler, train
 from backbone.training.refit import refit_heads, refit_images
+from experiments.cascade import cascades_of_run
 from experiments.common import cli, config_from_args, experiment_parser, finished_stage, tensorboard_writer, update_metrics
 from experiments.config import ExperimentConfig
 from experiments.curves import accuracy_at, headline, point
@@ -60,6 +65,7 @@ GATES, STATIC = "differentiable gates", "static ResNet (depth × width)"
 SUBSET, SUBSET_FT = "fixed subset", "fixed subset + fine-tuning"
 RANDOM, RANDOM_FT = "random dropping", "random dropping + fine-tuning"
 FULL, FULL_FT, ORACLE = "full backbone", "full backbone + fine-tuning", "oracle (per image, fixed-subset masks)"
+CASCADE = "confidence cascade (fixed subsets, then the full backbone)"
 
 
 def policy_points(metrics: dict) -> dict[str, list[dict]]:
@@ -148,6 +154,14 @@ def fixed_subsets(cfg, backbone, cost, splits, pretrain_time, resume) -> tuple[d
     info = {"search": ladder["search"], "search_images": ladder["images"], "search_s": ladder["search_s"],
             "masks": [mask_string(m) for m in ladder["masks"]], "held_out_accuracy": ladder["held_out_accuracy"]}
     return {SUBSET: plain, SUBSET_FT: sorted(tuned, key=lambda q: q["flops_ratio"])}, {"oracle": oracle, "ladder": info}
+
+
+def cascade_points(cascades: dict, pretrain_time: float) -> list[dict]:
+    """The cascades as curve points: training time the fine-tuning of the networks they chain."""
+    return [point(c["flops_ratio"], c["accuracy"], pretrain_time + c["fine_tuning_time_s"], budget=c["budget"],
+                  chain=c["chain"], sent_on=c["sent_on"], blocks_used_std=c["adaptivity"]["blocks_used_std"],
+                  hard_minus_easy_blocks=c["adaptivity"].get("hard_minus_easy_blocks"))
+            for c in cascades["cascades"]]
 
 
 @torch.no_grad()
@@ -269,6 +283,10 @@ def run_compare(cfg: ExperimentConfig, resume: bool = False, splits: Splits | No
         curves[FULL_FT] = [point(1.0, evaluate(tuned, splits.test)["accuracy"], pretrain_time + tuned_time)]
     subsets, bound = fixed_subsets(cfg, backbone, cost, splits, pretrain_time, resume)
     curves.update(subsets)
+    if "cascade" not in leave_out and len(splits.val) and subsets[SUBSET_FT]:
+        distributed.barrier()  # rank 0 wrote the fine-tuned subsets' files; each rank scores them (inference only)
+        curves[CASCADE] = cascade_points(cascades_of_run(run_dir, backbone, cost, splits, cfg.study.budgets, device),
+                                         pretrain_time)
     if "random_dropping" not in leave_out:
         curves.update(random_dropping(cfg, backbone, cost, splits, pretrain_time, resume))
     if "gates" not in leave_out:

@@ -72,7 +72,7 @@ class ModelConfig:
 
 
 #: What ``study.leave_out`` may name: the comparison's methods other than the fixed subsets.
-LEAVE_OUT = ("full_finetune", "random_dropping", "gates", "static")
+LEAVE_OUT = ("full_finetune", "random_dropping", "gates", "static", "cascade")
 
 
 @dataclass

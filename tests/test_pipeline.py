@@ -50,7 +50,10 @@ def test_every_stage_and_baseline_is_in_the_report(study):
     curves = compare["curves"]
     assert set(curves) == {"full backbone", "full backbone + fine-tuning", "RL policy", "RL policy + joint fine-tuning", "fixed subset",
                            "fixed subset + fine-tuning", "random dropping", "random dropping + fine-tuning",
-                           "differentiable gates", "static ResNet (depth × width)"}
+                           "differentiable gates", "static ResNet (depth × width)",
+                           "confidence cascade (fixed subsets, then the full backbone)"}
+    for c in curves["confidence cascade (fixed subsets, then the full backbone)"]:  # built from the fine-tuned subsets
+        assert c["knob"]["chain"][0].startswith("subset_k") and c["knob"]["chain"][-1] == "full backbone"
     assert len(curves["RL policy"]) == len(curves["RL policy + joint fine-tuning"]) == 2  # the main λ and 0.2
     assert len(curves["fixed subset"]) == 4  # every size k = 0..3, chosen exhaustively on held-out images
     assert compare["fixed_subset_search"]["search"] == "exhaustive"
@@ -192,6 +195,26 @@ def test_two_runs_with_the_same_seed_give_the_same_metrics(study, tmp_path):
     assert other_seed.returncode == 0, other_seed.stderr[-2000:]
     third = json.loads((tmp_path / "runs" / "seed1" / "metrics.json").read_text())["pretrain"]
     assert _without_timings(third["history"]) != _without_timings(first["pretrain"]["history"])
+
+
+def test_cascade_cli_scores_cascades_of_the_comparisons_own_networks(study):
+    work, _ = study
+    result = run("--run", "runs/tiny", "--budgets", "0.5", "0.9", "--json", cwd=work, module="experiments.cascade")
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout)
+    networks = {n["name"]: n for n in out["networks"]}
+    assert networks["full backbone"]["flops_ratio"] == 1.0 and any(n.startswith("subset_k") for n in networks)
+    assert out["cascades"] and out["difficulty_groups"].startswith("the dataset's difficulty levels")
+    for c in out["cascades"]:
+        assert networks[c["small"]]["flops_ratio"] <= c["budget"]  # chosen among the networks that fit
+        # FLOPs: each network of the chain times the share of images that reached it.
+        reached = [sum(c["answered_by"][i:]) for i in range(len(c["chain"]))]
+        assert c["flops_ratio"] == pytest.approx(sum(networks[n]["flops_ratio"] * r for n, r in zip(c["chain"], reached)))
+        assert c["static"]["single"]["flops_ratio"] <= c["flops_ratio"] + 1e-9
+        assert c["static"]["mixture"]["accuracy"] >= c["static"]["single"]["accuracy"]
+        assert c["gain_over_static"] == pytest.approx(c["accuracy"] - c["static"]["mixture"]["accuracy"])
+        assert sum(c["adaptivity"]["blocks_histogram"]) == 120
+    assert json.loads((work / "runs" / "tiny" / "metrics.json").read_text())["cascade"]["cascades"] == out["cascades"]
 
 
 def test_difficulty_probe_cli(study):
@@ -351,11 +374,11 @@ def test_the_comparison_leaves_out_the_methods_it_is_told_to(study, tmp_path):
     work, _ = study
     shutil.copytree(work / "runs" / "tiny", tmp_path / "runs" / "tiny")
     shutil.copy(work / "tiny.yaml", tmp_path)
-    result = run("--config", "tiny.yaml", "--set", "study.leave_out=[full_finetune,random_dropping,gates,static]",
+    result = run("--config", "tiny.yaml", "--set", "study.leave_out=[full_finetune,random_dropping,gates,static,cascade]",
                  cwd=tmp_path, module="experiments.compare")
     assert result.returncode == 0, result.stderr[-2000:]
     compare = json.loads((tmp_path / "runs" / "tiny" / "metrics.json").read_text())["compare"]
     assert set(compare["curves"]) == {"full backbone", "fixed subset", "fixed subset + fine-tuning", "RL policy",
                                       "RL policy + joint fine-tuning"}
-    assert compare["left_out"] == ["full_finetune", "gates", "random_dropping", "static"]
+    assert compare["left_out"] == ["cascade", "full_finetune", "gates", "random_dropping", "static"]
     assert compare["curves"]["fixed subset + fine-tuning"] and compare["headline"][0]["winner"] in compare["curves"]

@@ -1,0 +1,174 @@
+"""Confidence cascades: a small static network answers the images it is sure of, a larger one the rest.
+
+The plainest input-adaptive network (the early-exit idea of BranchyNet, with separately trained
+networks): every image runs the small network; an image whose top softmax probability is under a
+threshold runs the next network from the start (nothing reused) and takes its answer, and so on
+to the last. Its FLOPs per image are the sum of the networks it ran.
+
+It is the control that tells whether per-image compute pays on a backbone at all: its parts are
+the static networks of the comparison themselves (a fine-tuned fixed subset, and the full
+backbone, which every method's budget already includes), so it costs the small network's
+training budget, and its threshold for a FLOPs budget is chosen on held-out images and then
+scored on the test split, like any policy.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from agents.adaptivity import adaptivity
+
+
+@dataclass
+class ScoredNetwork:
+    """One network's logits (float32, CPU) on the held-out and test images, its FLOPs ratio
+    (per image, to the full backbone's) and its keep mask (which blocks it runs)."""
+
+    name: str
+    flops_ratio: float
+    mask: torch.Tensor
+    held_out_logits: torch.Tensor
+    test_logits: torch.Tensor
+
+    # A cascade search tries thousands of thresholds on the same logits: each network's
+    # confidences and predictions once.
+    @functools.cached_property
+    def held_out(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(confidence, prediction) per held-out image."""
+        return confidence(self.held_out_logits), self.held_out_logits.argmax(1)
+
+    @functools.cached_property
+    def test(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(confidence, prediction) per test image."""
+        return confidence(self.test_logits), self.test_logits.argmax(1)
+
+
+def confidence(logits: torch.Tensor) -> torch.Tensor:
+    """Per image: the top softmax probability (the cascade's exit signal)."""
+    return logits.float().softmax(1).max(1).values
+
+
+def threshold_for_share(held_out_confidence: torch.Tensor, share: float) -> float:
+    """The threshold under which ``share`` of the held-out images fall (they go on)."""
+    if share <= 0:
+        return float("-inf")
+    if share >= 1:
+        return float("inf")
+    ranked = held_out_confidence.sort().values
+    return ranked[min(int(round(share * len(ranked))), len(ranked) - 1)].item()
+
+
+def cascade_decisions(chain: list[ScoredNetwork], thresholds: list[float], held_out: bool = False
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prediction per image, the stage that answered it) of the cascade ``chain`` (cheapest
+    first) with ``thresholds`` (one per stage but the last): an image leaves at the first stage
+    whose top probability is at least that stage's threshold; the last stage answers the rest."""
+    scored = [n.held_out if held_out else n.test for n in chain]
+    stage = torch.full((len(scored[0][0]),), len(chain) - 1, dtype=torch.long)
+    for i in reversed(range(len(chain) - 1)):
+        stage = torch.where(scored[i][0] >= thresholds[i], i, stage)
+    prediction = torch.stack([p for _, p in scored]).gather(0, stage[None]).squeeze(0)
+    return prediction, stage
+
+
+def cascade_flops(chain: list[ScoredNetwork], stage: torch.Tensor) -> float:
+    """Mean FLOPs ratio per image: every network up to the one that answered it."""
+    reached = torch.stack([(stage >= i).double().mean() for i in range(len(chain))])
+    return float(sum(r.item() * n.flops_ratio for r, n in zip(reached, chain)))
+
+
+def run_cascade(chain: list[ScoredNetwork], thresholds: list[float], labels: torch.Tensor,
+                groups: torch.Tensor | None = None, group_names: list[str] | None = None) -> dict:
+    """The cascade on the test images: FLOPs ratio, accuracy, the share each stage answered, and
+    its adaptivity (the blocks of every network it ran, cheapest first, as one mask)."""
+    prediction, stage = cascade_decisions(chain, thresholds)
+    correct = prediction == labels
+    n = len(labels)
+    blocks = torch.cat([net.mask.bool().expand(n, -1) & (stage >= i)[:, None] for i, net in enumerate(chain)], 1)
+    return {
+        "chain": [net.name for net in chain], "small": chain[0].name, "large": chain[-1].name, "thresholds": thresholds,
+        "flops_ratio": cascade_flops(chain, stage), "accuracy": correct.double().mean().item(),
+        "sent_on": (stage > 0).double().mean().item(),
+        "answered_by": [(stage == i).double().mean().item() for i in range(len(chain))],
+        "adaptivity": adaptivity(blocks, correct, groups, group_names),
+    }
+
+
+#: Shares of the images that go on past the first stage, and of those past the second, tried for
+#: three-network cascades (two networks need no search: the budget fixes the share).
+SHARES = tuple(i / 20 for i in range(1, 13))
+
+
+def candidate_chains(smalls: list[ScoredNetwork], large: ScoredNetwork, budget: float, stages: int
+                     ) -> list[tuple[list[ScoredNetwork], list[float]]]:
+    """(chain, thresholds) of every cascade into ``large`` of ``stages`` networks (2 or 3) whose
+    FLOPs on the held-out images are within ``budget``; thresholds from held-out quantiles."""
+    found = []
+    for small in smalls:
+        if small.flops_ratio > budget:
+            continue
+        held_out_conf = small.held_out[0]
+        if stages == 2:
+            share = (budget - small.flops_ratio) / large.flops_ratio
+            found.append(([small, large], [threshold_for_share(held_out_conf, share)]))
+            continue
+        for middle in smalls:
+            if middle.flops_ratio <= small.flops_ratio:
+                continue
+            middle_conf = middle.held_out[0]
+            for first in SHARES:
+                t1 = threshold_for_share(held_out_conf, first)
+                on = held_out_conf < t1
+                if not on.any():
+                    continue
+                for second in SHARES:
+                    thresholds = [t1, threshold_for_share(middle_conf[on], second)]
+                    _, stage = cascade_decisions([small, middle, large], thresholds, held_out=True)
+                    if cascade_flops([small, middle, large], stage) <= budget + 1e-9:
+                        found.append(([small, middle, large], thresholds))
+    return found
+
+
+def cascade_for_budget(smalls: list[ScoredNetwork], large: ScoredNetwork, budget: float,
+                       held_out_labels: torch.Tensor, labels: torch.Tensor,
+                       groups: torch.Tensor | None = None, group_names: list[str] | None = None,
+                       max_stages: int = 2) -> dict | None:
+    """The best cascade into ``large`` within ``budget`` (FLOPs ratio), chosen on the held-out
+    images alone among the chains of 2 to ``max_stages`` networks (the small ones cheaper than the
+    budget, thresholds as held-out quantiles), then scored on the test images. None when no small
+    network fits the budget."""
+    best = None
+    for stages in range(2, max_stages + 1):
+        for chain, thresholds in candidate_chains(smalls, large, budget, stages):
+            prediction, _ = cascade_decisions(chain, thresholds, held_out=True)
+            score = (prediction == held_out_labels).double().mean().item()
+            if best is None or score > best[0]:
+                best = (score, chain, thresholds)
+    if best is None:
+        return None
+    score, chain, thresholds = best
+    return {"budget": budget, "held_out_accuracy": score, **run_cascade(chain, thresholds, labels, groups, group_names)}
+
+
+def static_envelope_at(networks: list[ScoredNetwork], labels: torch.Tensor, flops_ratio: float) -> dict | None:
+    """What static networks reach at ``flops_ratio`` without looking at the images: the best
+    single network of at most that cost (``single``), and the best random mixture of two (each
+    image sent to one of them with a fixed probability, so FLOPs and accuracy interpolate
+    linearly; the upper hull of the static points, ``mixture``), which a cascade must beat for
+    its per-image choice to count. None when no network is that cheap."""
+    points = sorted((n.flops_ratio, (n.test_logits.argmax(1) == labels).double().mean().item(), n.name) for n in networks)
+    within = [p for p in points if p[0] <= flops_ratio + 1e-9]
+    if not within:
+        return None
+    single = max(within, key=lambda p: p[1])
+    mixture = {"accuracy": single[1], "of": [single[2]]}
+    for fa, aa, na in within:
+        for fb, ab, nb in points:
+            if fb > flops_ratio > fa:
+                w = (flops_ratio - fa) / (fb - fa)
+                if (1 - w) * aa + w * ab > mixture["accuracy"]:
+                    mixture = {"accuracy": (1 - w) * aa + w * ab, "of": [na, nb], "share_of_larger": w}
+    return {"single": {"name": single[2], "flops_ratio": single[0], "accuracy": single[1]}, "mixture": mixture}

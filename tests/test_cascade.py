@@ -1,0 +1,110 @@
+"""Confidence cascades (agents.cascade): FLOPs and accuracy arithmetic, choices made on held-out
+images alone, and the bad inputs of experiments.cascade."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from agents.cascade import ScoredNetwork, cascade_for_budget, run_cascade, static_envelope_at, threshold_for_share
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def logits_for(labels: torch.Tensor, right: torch.Tensor, sure: torch.Tensor, classes: int = 4) -> torch.Tensor:
+    """Logits that predict ``labels`` where ``right`` (else the next class), with a top softmax
+    probability near 1 where ``sure`` and near 1/2 elsewhere."""
+    predicted = torch.where(right, labels, (labels + 1) % classes)
+    out = torch.zeros(len(labels), classes)
+    unsure = 0.5 + 0.05 * torch.rand(len(labels))  # distinct confidences: a share of them is a share of images
+    out[torch.arange(len(labels)), predicted] = torch.where(sure, torch.tensor(8.0), unsure)
+    out[torch.arange(len(labels)), (predicted + 2) % classes] = torch.where(sure, torch.tensor(0.0), torch.tensor(0.4))
+    return out
+
+
+def network(name, flops, blocks, held_out, test) -> ScoredNetwork:
+    return ScoredNetwork(name, flops, torch.arange(4) < blocks, held_out, test)
+
+
+def test_the_unsure_images_go_on_and_the_flops_add_up():
+    torch.manual_seed(0)
+    labels = torch.randint(0, 4, (200,))
+    hard = torch.arange(200) % 5 == 0  # 20% of the images: the small network is wrong and unsure there
+    small = network("small", 0.4, 2, logits_for(labels, ~hard, ~hard), logits_for(labels, ~hard, ~hard))
+    large = network("large", 1.0, 4, logits_for(labels, torch.ones(200, dtype=torch.bool), hard),
+                    logits_for(labels, torch.ones(200, dtype=torch.bool), hard))
+    groups = hard.long()  # group 1 = the hard images
+    result = cascade_for_budget([small], large, 0.6, labels, labels, groups, ["easy", "hard"])
+    assert result["small"] == "small" and result["sent_on"] == pytest.approx(0.2)
+    assert result["flops_ratio"] == pytest.approx(0.4 + 0.2 * 1.0)
+    assert result["accuracy"] == 1.0  # the large network answers exactly the small one's mistakes
+    adaptivity = result["adaptivity"]
+    assert adaptivity["by_difficulty"]["easy"]["blocks_used"] == 2 and adaptivity["by_difficulty"]["hard"]["blocks_used"] == 6
+    assert adaptivity["hard_minus_easy_blocks"] == 4 and adaptivity["distinct_masks"] == 2
+    # Static networks at the cascade's FLOPs: the small one alone (80%), or a random third of the
+    # images to the large one (0.4 + 0.6 / 3 = 0.6 FLOPs): 86.7%, still 13 points below the cascade.
+    static = static_envelope_at([small, large], labels, result["flops_ratio"])
+    assert static["single"]["name"] == "small" and static["single"]["accuracy"] == pytest.approx(0.8)
+    assert static["mixture"]["of"] == ["small", "large"] and static["mixture"]["share_of_larger"] == pytest.approx(0.2 / 0.6)
+    assert static["mixture"]["accuracy"] == pytest.approx(0.8 + 0.2 * 0.2 / 0.6)
+    assert static_envelope_at([small, large], labels, 0.3) is None
+    # A threshold nobody is under sends nothing on; one everybody is under sends everything.
+    assert run_cascade([small, large], [float("-inf")], labels)["flops_ratio"] == pytest.approx(0.4)
+    everything = run_cascade([small, large], [float("inf")], labels)
+    assert everything["flops_ratio"] == pytest.approx(1.4) and everything["sent_on"] == 1.0
+
+
+def test_a_three_network_cascade_passes_each_image_on_until_one_is_sure():
+    torch.manual_seed(2)
+    labels = torch.randint(0, 4, (300,))
+    kind = torch.arange(300) % 10  # 0-5: easy, 6-7: medium, 8-9: hard
+    easy, medium = kind < 6, (kind >= 6) & (kind < 8)
+    every = torch.ones(300, dtype=torch.bool)
+    small = network("small", 0.1, 1, *[logits_for(labels, easy, easy)] * 2)
+    middle = network("middle", 0.35, 2, *[logits_for(labels, easy | medium, easy | medium)] * 2)
+    large = network("large", 1.0, 4, *[logits_for(labels, every, every)] * 2)
+    # Budget 0.1 + 0.4 · 0.35 + 0.2 · 1.0 = 0.44: every image answered by the cheapest network that
+    # gets it right. Two networks cannot: small > large sends on 34% (of small's 40% mistakes),
+    # middle > large 9% (of middle's 20%).
+    two = cascade_for_budget([small, middle], large, 0.44, labels, labels, max_stages=2)
+    three = cascade_for_budget([small, middle], large, 0.44, labels, labels, kind // 6 + (kind >= 8),
+                               ["easy", "medium", "hard"], max_stages=3)
+    assert two["chain"] == ["small", "large"] and two["accuracy"] == pytest.approx(0.94)
+    assert three["chain"] == ["small", "middle", "large"] and three["accuracy"] == 1.0
+    assert three["answered_by"] == pytest.approx([0.6, 0.2, 0.2]) and three["flops_ratio"] == pytest.approx(0.44)
+    blocks = {name: g["blocks_used"] for name, g in three["adaptivity"]["by_difficulty"].items()}
+    assert blocks == {"easy": 1, "medium": 3, "hard": 7}
+
+
+def test_the_small_network_and_threshold_are_chosen_on_held_out_images_only():
+    torch.manual_seed(1)
+    labels = torch.randint(0, 4, (100,))
+    every, none = torch.ones(100, dtype=torch.bool), torch.zeros(100, dtype=torch.bool)
+    # On held-out images a is right and b wrong; on the test images the other way round.
+    a = network("a", 0.3, 1, logits_for(labels, every, every), logits_for(labels, none, every))
+    b = network("b", 0.3, 1, logits_for(labels, none, every), logits_for(labels, every, every))
+    large = network("large", 1.0, 4, logits_for(labels, every, every), logits_for(labels, every, every))
+    chosen = cascade_for_budget([a, b], large, 0.3, labels, labels)
+    assert chosen["small"] == "a" and chosen["held_out_accuracy"] == 1.0 and chosen["accuracy"] == 0.0
+    assert cascade_for_budget([a, b], large, 0.2, labels, labels) is None  # no small network fits
+
+
+def test_threshold_for_share_splits_the_held_out_images():
+    confidence = torch.linspace(0, 1, 101)
+    for share in (0.1, 0.25, 0.5, 0.9):
+        assert (confidence < threshold_for_share(confidence, share)).double().mean().item() == pytest.approx(share, abs=0.011)
+
+
+def test_cascade_cli_refuses_a_run_without_fine_tuned_subsets(tmp_path):
+    (tmp_path / "config.yaml").write_text("name: x\n")
+    done = subprocess.run([sys.executable, "-m", "experiments.cascade", "--run", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "holds no fine-tuned fixed subsets: run experiments.compare first" in done.stderr
+    done = subprocess.run([sys.executable, "-m", "experiments.cascade", "--run", str(tmp_path / "nothing")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "is not a run directory" in done.stderr
+    done = subprocess.run([sys.executable, "-m", "experiments.cascade", "--run", str(tmp_path), "--budgets", "0.5", "1.5"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--budgets must be FLOPs ratios in (0, 1]" in done.stderr
