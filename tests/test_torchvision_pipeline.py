@@ -193,7 +193,7 @@ study: {lambdas: [0.1], budgets: [0.6], keep_rates: [0.5], static_epochs: 1, lat
 """
 METHODS = {"full backbone", "full backbone + fine-tuning", "RL policy", "RL policy + joint fine-tuning", "fixed subset",
            "fixed subset + fine-tuning", "random dropping", "random dropping + fine-tuning", "differentiable gates",
-           "static ResNet (depth × width)"}
+           "static ResNet (depth × width)", "confidence cascade (fixed subsets, then the full backbone)"}
 
 
 def test_whole_study_on_a_torchvision_resnet_at_64_px(tmp_path):
