@@ -6,9 +6,9 @@ threshold runs the next network from the start (nothing reused) and takes its an
 to the last. Its FLOPs per image are the sum of the networks it ran.
 
 It is the control that tells whether per-image compute pays on a backbone at all: its parts are
-the static networks of the comparison themselves (a fine-tuned fixed subset, and the full
-backbone, which every method's budget already includes), so it costs the small network's
-training budget, and its threshold for a FLOPs budget is chosen on held-out images and then
+the static networks of the comparison themselves (fine-tuned fixed subsets, and the full
+backbone, which every method's budget already includes), so it costs the fine-tuning of the
+subsets it chains, and its thresholds for a FLOPs budget are chosen on held-out images and then
 scored on the test split, like any policy.
 """
 
@@ -103,9 +103,10 @@ SHARES = tuple(i / 20 for i in range(1, 13))
 
 
 def candidate_chains(smalls: list[ScoredNetwork], large: ScoredNetwork, budget: float, stages: int
-                     ) -> list[tuple[list[ScoredNetwork], list[float]]]:
-    """(chain, thresholds) of every cascade into ``large`` of ``stages`` networks (2 or 3) whose
-    FLOPs on the held-out images are within ``budget``; thresholds from held-out quantiles."""
+                     ) -> list[tuple[list[ScoredNetwork], list[float], torch.Tensor]]:
+    """(chain, thresholds, held-out predictions) of every cascade into ``large`` of ``stages``
+    networks (2 or 3) whose FLOPs on the held-out images are within ``budget``; thresholds from
+    held-out quantiles."""
     found = []
     for small in smalls:
         if small.flops_ratio > budget:
@@ -113,7 +114,8 @@ def candidate_chains(smalls: list[ScoredNetwork], large: ScoredNetwork, budget: 
         held_out_conf = small.held_out[0]
         if stages == 2:
             share = (budget - small.flops_ratio) / large.flops_ratio
-            found.append(([small, large], [threshold_for_share(held_out_conf, share)]))
+            thresholds = [threshold_for_share(held_out_conf, share)]
+            found.append(([small, large], thresholds, cascade_decisions([small, large], thresholds, held_out=True)[0]))
             continue
         for middle in smalls:
             if middle.flops_ratio <= small.flops_ratio:
@@ -126,9 +128,9 @@ def candidate_chains(smalls: list[ScoredNetwork], large: ScoredNetwork, budget: 
                     continue
                 for second in SHARES:
                     thresholds = [t1, threshold_for_share(middle_conf[on], second)]
-                    _, stage = cascade_decisions([small, middle, large], thresholds, held_out=True)
+                    prediction, stage = cascade_decisions([small, middle, large], thresholds, held_out=True)
                     if cascade_flops([small, middle, large], stage) <= budget + 1e-9:
-                        found.append(([small, middle, large], thresholds))
+                        found.append(([small, middle, large], thresholds, prediction))
     return found
 
 
@@ -142,8 +144,7 @@ def cascade_for_budget(smalls: list[ScoredNetwork], large: ScoredNetwork, budget
     network fits the budget."""
     best = None
     for stages in range(2, max_stages + 1):
-        for chain, thresholds in candidate_chains(smalls, large, budget, stages):
-            prediction, _ = cascade_decisions(chain, thresholds, held_out=True)
+        for chain, thresholds, prediction in candidate_chains(smalls, large, budget, stages):
             score = (prediction == held_out_labels).double().mean().item()
             if best is None or score > best[0]:
                 best = (score, chain, thresholds)
@@ -159,7 +160,7 @@ def static_envelope_at(networks: list[ScoredNetwork], labels: torch.Tensor, flop
     image sent to one of them with a fixed probability, so FLOPs and accuracy interpolate
     linearly; the upper hull of the static points, ``mixture``), which a cascade must beat for
     its per-image choice to count. None when no network is that cheap."""
-    points = sorted((n.flops_ratio, (n.test_logits.argmax(1) == labels).double().mean().item(), n.name) for n in networks)
+    points = sorted((n.flops_ratio, (n.test[1] == labels).double().mean().item(), n.name) for n in networks)
     within = [p for p in points if p[0] <= flops_ratio + 1e-9]
     if not within:
         return None

@@ -39,7 +39,8 @@ LADDERS = {"subset_k": "ladder.json", "subset_nested_k": "ladder_nested.json"}
 
 
 def fine_tuned_subsets(run_dir: Path) -> list[tuple[str, Path, torch.Tensor]]:
-    """(name, model file, keep mask) of every fixed subset the run's comparison fine-tuned."""
+    """(name, model file, keep mask) of every fixed subset the run's comparison fine-tuned (at
+    least one, else a ConfigError)."""
     found = []
     for prefix, ladder_file in LADDERS.items():
         files = sorted((run_dir / "baselines").glob(f"{prefix}[0-9]*.pt"))
@@ -51,6 +52,9 @@ def fine_tuned_subsets(run_dir: Path) -> list[tuple[str, Path, torch.Tensor]]:
         for f in files:
             k = int(f.stem[len(prefix):])
             found.append((f.stem, f, torch.tensor([c == "1" for c in masks[k]])))
+    if not found:
+        raise ConfigError(f"{run_dir / 'baselines'} holds no fine-tuned fixed subsets: run experiments.compare first "
+                          f"(with fixed_subsets in the study)")
     return found
 
 
@@ -59,9 +63,6 @@ def cascades_of_run(run_dir: Path, backbone, cost, splits, budgets: list[float],
     """The cascades of the fixed subsets ``run_dir``'s comparison fine-tuned (into ``backbone``,
     the full network) at each budget, beside the static envelope (see the module's docstring)."""
     subsets = fine_tuned_subsets(run_dir)
-    if not subsets:
-        raise ConfigError(f"{run_dir / 'baselines'} holds no fine-tuned fixed subsets: run experiments.compare first "
-                          f"(with fixed_subsets in the study)")
     if len(splits.val) == 0:
         raise ConfigError("the cascade's thresholds are chosen on the held-out split: set data.val_fraction > 0")
 
@@ -102,9 +103,7 @@ def cascade_study(run_dir: Path, budgets: list[float], max_stages: int = 3) -> d
         raise ConfigError(f"--stages must be 2 or 3, got {max_stages}")
     if not budgets or any(not 0 < b <= 1 for b in budgets):
         raise ConfigError(f"--budgets must be FLOPs ratios in (0, 1], got {budgets}")
-    if not fine_tuned_subsets(run_dir):
-        raise ConfigError(f"{run_dir / 'baselines'} holds no fine-tuned fixed subsets: run experiments.compare first "
-                          f"(with fixed_subsets in the study)")
+    fine_tuned_subsets(run_dir)  # fails before the data are loaded
     cfg = load_config(run_dir / "config.yaml")
     device = resolve_device(cfg.device)
     splits = load_splits(cfg.data)
