@@ -9,7 +9,9 @@ It is the control that tells whether per-image compute pays on a backbone at all
 the static networks of the comparison themselves (fine-tuned fixed subsets, and the full
 backbone, which every method's budget already includes), so it costs the fine-tuning of the
 subsets it chains, and its thresholds for a FLOPs budget are chosen on held-out images and then
-scored on the test split, like any policy.
+scored on the test split, like any policy. Its last network may also be trained for the images it
+will get (:func:`focused_loss`): the full backbone fine-tuned with the same budget, each image
+weighted by how unsure the first network is of it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import functools
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from agents.adaptivity import adaptivity
 
@@ -49,6 +52,41 @@ class ScoredNetwork:
 def confidence(logits: torch.Tensor) -> torch.Tensor:
     """Per image: the top softmax probability (the cascade's exit signal)."""
     return logits.float().softmax(1).max(1).values
+
+
+#: The focus of :func:`focused_loss`: weights (1 − top probability) ** FOCUS_POWER. On akamaster's
+#: ResNet-32 powers 1 and 2 gave cascades equal within 0.1 point over two seeds, and 4 (too few
+#: images left to learn from) lost 0.3-0.4 (docs/results.md): the plainest one.
+FOCUS_POWER = 1.0
+
+
+def focused_loss(model: torch.nn.Module, first_stage: torch.nn.Module, first_mask: torch.Tensor,
+                 label_smoothing: float = 0.0, power: float = FOCUS_POWER):
+    """The training loss of a cascade's last stage (``model``; a ``loss_fn`` of
+    ``backbone.training.loop.train``): each image's cross-entropy weighted by how unsure the first
+    stage (``first_stage`` run with ``first_mask``, frozen, in eval mode) is of it, ``(1 − its top
+    probability) ** power``, normalised to a mean weight of 1 in every batch.
+
+    Why: a cascade's last stage answers only the images the first one is unsure of, so its
+    accuracy elsewhere is never used; a plainly fine-tuned full backbone is right on only ~half of
+    the images a small subset gets wrong (docs/results.md, "Does per-image compute pay at all?").
+    The weights spend its fine-tuning where it will answer, and it stays a network of its own
+    (any image may still be sent to it), so the static comparison scores it alone too.
+    """
+    first_stage.eval()
+    for p in first_stage.parameters():
+        p.requires_grad_(False)
+    keep = first_mask.bool().to(next(first_stage.parameters()).device)
+
+    def loss_fn(images: torch.Tensor, labels: torch.Tensor, keep_mask: torch.Tensor | None):
+        logits = model(images) if keep_mask is None else model(images, keep_mask)
+        with torch.no_grad():
+            unsure = (1 - confidence(first_stage(images, keep.expand(images.shape[0], -1)))) ** power
+            weight = unsure / unsure.mean().clamp_min(1e-12)
+        per_image = F.cross_entropy(logits.float(), labels, reduction="none", label_smoothing=label_smoothing)
+        return (per_image * weight).mean(), logits
+
+    return loss_fn
 
 
 def threshold_for_share(held_out_confidence: torch.Tensor, share: float) -> float:
@@ -173,3 +211,80 @@ def static_envelope_at(networks: list[ScoredNetwork], labels: torch.Tensor, flop
                 if (1 - w) * aa + w * ab > mixture["accuracy"]:
                     mixture = {"accuracy": (1 - w) * aa + w * ab, "of": [na, nb], "share_of_larger": w}
     return {"single": {"name": single[2], "flops_ratio": single[0], "accuracy": single[1]}, "mixture": mixture}
+
+
+class CascadeModel(torch.nn.Module):
+    """A cascade as one deployable model: ``forward(images)`` gives each image the logits of the
+    stage that answered it. ``networks``: skippable backbones, cheapest first, each run with its
+    keep mask of ``masks`` (all blocks where the mask is all ones); ``thresholds``: one per stage
+    but the last. A stage runs only on the rows still unanswered, gathered into one batch."""
+
+    def __init__(self, networks: list[torch.nn.Module], masks: list[torch.Tensor], thresholds: list[float]):
+        super().__init__()
+        if not (len(networks) == len(masks) == len(thresholds) + 1 >= 2):
+            raise ValueError(f"a cascade needs 2 or more networks, a mask each and a threshold for all but the last, got "
+                             f"{len(networks)}, {len(masks)}, {len(thresholds)}")
+        self.networks = torch.nn.ModuleList(networks)
+        self.masks = [m.bool().cpu() for m in masks]
+        self.thresholds = list(thresholds)
+
+    def stage_logits(self, i: int, images: torch.Tensor) -> torch.Tensor:
+        mask = self.masks[i]
+        if bool(mask.all()):
+            return self.networks[i](images)
+        return self.networks[i](images, mask.to(images.device).expand(images.shape[0], -1))
+
+    @torch.no_grad()
+    def answer(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, the stage that answered) per image."""
+        logits = self.stage_logits(0, images)
+        stage = torch.zeros(images.shape[0], dtype=torch.long, device=images.device)
+        rows = None  # the rows still unanswered; None: all of them
+        for i in range(1, len(self.networks)):
+            unsure = confidence(logits if rows is None else logits[rows]) < self.thresholds[i - 1]
+            going_on = int(unsure.sum())  # one host sync per stage
+            if going_on == 0:
+                break
+            if rows is None and going_on == len(unsure):
+                # Every image goes on (at batch 1, the only other case): no gather, no scatter.
+                logits, stage = self.stage_logits(i, images), torch.full_like(stage, i)
+                continue
+            rows = (torch.arange(len(unsure), device=images.device) if rows is None else rows)[unsure]
+            logits[rows] = self.stage_logits(i, images[rows]).to(logits.dtype)
+            stage[rows] = i
+        return logits, stage
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.answer(images)[0]
+
+
+def cascade_latency(cascade: CascadeModel, full: torch.nn.Module, images: torch.Tensor, flops_ratios: list[float],
+                    batch: int, stream: int, repeats: int, device, warmup: int = 2) -> list[dict]:
+    """Wall-clock of ``full`` (the full backbone) and of ``cascade`` on the same images: a stream
+    of ``stream`` images one at a time (batch 1, as deployed) and one batch of ``batch``. Each row
+    holds the FLOPs ratio (full ÷ cascade) of exactly those images (``flops_ratios``: each
+    network's FLOPs over the full backbone's, summed over the stages an image reached), and
+    ``efficiency`` = time ratio ÷ FLOPs ratio (1.0: every saved FLOP saved time); beside it the
+    first network alone on every image (``first_stage_ms`` and its own efficiency), the part of
+    the time that no cascade logic adds."""
+    from backbone.models.cost import median_times
+
+    rows = []
+    for size in (1, batch):
+        count = min(stream if size == 1 else size, len(images))
+        chunks = images[:count].to(device).split(size)
+        with torch.inference_mode():
+            stages = torch.cat([cascade.answer(x)[1] for x in chunks]).cpu()
+            times = median_times({"full": lambda: [full(x) for x in chunks], "cascade": lambda: [cascade(x) for x in chunks],
+                                  "first": lambda: [cascade.stage_logits(0, x) for x in chunks]},
+                                 device, warmup=warmup, repeats=repeats)
+        flops = sum(f * (stages >= i).double().mean().item() for i, f in enumerate(flops_ratios))
+        time_ratio = times["full"] / times["cascade"]
+        rows.append({"batch": size, "images": count, "full_ms": times["full"] * 1e3 / len(chunks),
+                     "cascade_ms": times["cascade"] * 1e3 / len(chunks), "time_ratio": time_ratio,
+                     "flops_ratio": 1 / flops, "efficiency": time_ratio * flops,
+                     "sent_on": (stages > 0).double().mean().item(), "dtype": "float32",
+                     # Where it goes: the first network alone on every image, against its FLOPs.
+                     "first_stage_ms": times["first"] * 1e3 / len(chunks),
+                     "first_stage_efficiency": times["full"] / times["first"] * flops_ratios[0]})
+    return rows

@@ -32,6 +32,10 @@ ImageNet scale: ``--arch tv_resnet50 --bench skipping`` runs torchvision's ResNe
 at 224 px, the family's size (``--image-size`` overrides it), at batch 1 and 32 unless ``--batch``
 says otherwise; the other benches use the CIFAR archs of ``--arch`` and are skipped without one.
 
+``--bench cascade --run DIR [--budget B]`` times the confidence cascade that ``experiments.cascade``
+chose for the budget nearest B in DIR against the full backbone, on the run's test images (a
+stream at batch 1 and one batch of 256; each stage runs on the rows still unanswered).
+
 ``--bench layout`` times the default channels_last layout against NCHW (forward and a training
 step). ``--bench shortcut`` measures what the oneDNN AVX2 workaround (``backbone.models.resnet.PointwiseConv``)
 costs a narrow option-B network against the plain strided convolution (whose weight gradient is
@@ -224,6 +228,22 @@ def bench_pair(run_dir: Path, repeats: int, stream: int = 64, batch: int = 256, 
     return [{"bench": "pair", "run": str(run_dir), "model": name, "device": device_name(device), **r} for r in rows]
 
 
+def bench_cascade(run_dir: Path, budget: float, repeats: int, device, stream: int = 64, batch: int = 256) -> list[dict]:
+    """The cascade ``experiments.cascade`` chose for ``budget`` in ``run_dir`` against the run's
+    full backbone, on the run's test images (``agents.cascade.cascade_latency``)."""
+    from agents.cascade import cascade_latency
+    from backbone.data.datasets import load_splits
+    from experiments.cascade import load_cascade
+    from experiments.pretrain import load_backbone
+
+    row, cascade, flops, cfg = load_cascade(run_dir, budget, device)
+    full = load_backbone(run_dir, device).eval()
+    test = load_splits(cfg.data).test
+    rows = cascade_latency(cascade, full, test.images, flops, batch, stream, repeats, device)
+    return [{"bench": "cascade", "run": str(run_dir), "budget": row["budget"], "chain": row["chain"],
+             "device": device_name(device), **r} for r in rows]
+
+
 def onednn_runs_avx512() -> bool:
     """Whether oneDNN's AVX-512 kernels run here: the CPU has them (ATen's capability) and no
     ``ONEDNN_MAX_CPU_ISA`` / ``DNNL_MAX_CPU_ISA`` caps oneDNN below them."""
@@ -273,13 +293,16 @@ def main(argv=None) -> None:
     parser.add_argument("--image-size", type=int, default=None,
                         help="skipping cases' input size (default: the family's, 32 CIFAR / 224 torchvision)")
     parser.add_argument("--json", type=Path, default=None, help="write the records to this file")
-    parser.add_argument("--run", type=Path, default=None, help="--bench pair: the run directory whose trained pair to time")
+    parser.add_argument("--run", type=Path, default=None,
+                        help="--bench pair / cascade: the run directory whose trained pair or chosen cascade to time")
+    parser.add_argument("--budget", type=float, default=0.7, help="--bench cascade: the FLOPs budget whose cascade to time")
     parser.add_argument("--tag", default="policy", help="--bench pair: which of the run's policies (e.g. lam0.055)")
     parser.add_argument("--bench", nargs="+", default=["skipping", "env", "train", "layout", "shortcut"],
-                        choices=["skipping", "env", "train", "layout", "shortcut", "pair"],
+                        choices=["skipping", "env", "train", "layout", "shortcut", "pair", "cascade"],
                         help="skipping: masked vs full forward; env: VecEnv throughput; train: data path vs tensors "
                              "on the device; layout: channels_last vs NCHW; shortcut: the oneDNN AVX2 workaround's cost; "
-                             "pair: a run's trained policy + masked backbone (--run)")
+                             "pair: a run's trained policy + masked backbone (--run); cascade: the confidence cascade "
+                             "experiments.cascade chose for --budget in --run")
     args = parser.parse_args(argv)
     try:
         device = resolve_device(args.device)
@@ -348,6 +371,17 @@ def main(argv=None) -> None:
             print(f"  where it goes: masked backbone alone {r['masked_backbone_ms']:.2f} ms, policy {r['policy_ms']:.2f} ms; "
                   f"kept blocks' share of the full time {r['kept_time_share']:.3f} (cost model {r['cost_model_efficiency']:.2f}), "
                   f"runner {r['runner_efficiency']:.2f}")
+            records.append(r)
+    if "cascade" in args.bench:
+        if args.run is None:
+            parser.error("--bench cascade needs --run DIR (a run directory where experiments.cascade ran)")
+        print()
+        for r in bench_cascade(args.run, args.budget, args.repeats or 10, device):
+            print(f"cascade {' > '.join(r['chain'])} (budget {r['budget']}) batch {r['batch']} ({r['images']} images, "
+                  f"{100 * r['sent_on']:.0f}% sent on): full {r['full_ms']:.2f} ms, cascade {r['cascade_ms']:.2f} ms per call; "
+                  f"time ratio {r['time_ratio']:.2f}, FLOPs ratio {r['flops_ratio']:.2f}, efficiency {r['efficiency']:.2f}")
+            print(f"  where it goes: the first network alone {r['first_stage_ms']:.2f} ms per call, its own efficiency "
+                  f"{r['first_stage_efficiency']:.2f}")
             records.append(r)
     if args.json:
         write_json(args.json, {"records": records, "torch": torch.__version__, "cpu": cpu_info(),

@@ -1,15 +1,21 @@
-"""Does per-image compute pay on this backbone? ``python -m experiments.cascade --run DIR [--budgets B ...] [--json]``.
+"""Does per-image compute pay on this backbone? ``python -m experiments.cascade --run DIR [--budgets B ...] [--train-last] [--json]``.
 
 Confidence cascades (``agents.cascade``) built from a finished comparison's own static networks:
 each fine-tuned fixed subset (``baselines/subset_*.pt``, written by ``experiments.compare``) as
-the small network, the full backbone as the large one. For every FLOPs budget the small network
-and its threshold are chosen on the held-out split, then the cascade is scored on the test split
-beside what static networks reach at its FLOPs: the best single one of at most that cost, and
-the best random mixture of two (the upper hull of the static points: its accuracy is what the
-cascade's per-image choice must beat), with its adaptivity (blocks per image, blocks per
-difficulty quartile of the full backbone's margin).
-Training budget: the small network's fine-tuning, the same as that static network's; the full
-backbone is every method's starting point. Stored in ``metrics.json`` (section ``cascade``).
+a small network, the full backbone as the last one: fine-tuned with the run's budget focused on
+the images the cheapest subset is unsure of (``baselines/full_focused_on_<subset>.pt``,
+:func:`agents.cascade.focused_loss`), or where the run has none, fine-tuned plainly
+(``baselines/full.pt``, the comparison's "full backbone + fine-tuning") or as it is
+(``--train-last`` trains the missing ones first; ``experiments.compare`` always does). For every
+FLOPs budget the chain and its thresholds are chosen on the held-out split, then the cascade is
+scored on the test split beside what static networks reach at its FLOPs (every network above,
+all three full backbones included, counts as one): the best single one of at most that
+cost, and the best random mixture of two (the upper hull of the static points: its accuracy is
+what the cascade's per-image choice must beat), with its adaptivity (blocks per image, blocks
+per difficulty quartile of the full backbone's margin).
+Training budget: the fine-tuning of the networks it chains (each the same as a static network's);
+the full backbone as it is is every method's starting point. Stored in ``metrics.json`` (section
+``cascade``).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from pathlib import Path
 import torch
 
 from agents.adaptivity import difficulty_groups
-from agents.cascade import ScoredNetwork, cascade_for_budget, static_envelope_at
+from agents.cascade import CascadeModel, ScoredNetwork, cascade_for_budget, focused_loss, static_envelope_at
 from backbone.baselines import mask_string
 from backbone.data.datasets import load_splits
 from backbone.data.streaming import image_size_of
@@ -30,9 +36,11 @@ from backbone.models.weights import load_checkpoint, load_model
 from backbone.training.loop import predict, resolve_device
 from experiments.common import cli, owning, print_report, report_parser, update_metrics
 from experiments.config import load_config
+from experiments.finetuned import finetuned_on_masks
 from experiments.pretrain import load_backbone
 
 STAGE = "cascade"
+FULL, FULL_FT = "full backbone", "full backbone + fine-tuning"
 DEFAULT_BUDGETS = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8)
 #: baselines/<prefix>k<blocks>.pt -> the ladder file whose masks they were trained with (experiments.compare).
 LADDERS = {"subset_k": "ladder.json", "subset_nested_k": "ladder_nested.json"}
@@ -58,10 +66,51 @@ def fine_tuned_subsets(run_dir: Path) -> list[tuple[str, Path, torch.Tensor]]:
     return found
 
 
+def focused_name(first: str) -> str:
+    """The file (``baselines/<name>.pt``) of the full backbone fine-tuned focused on ``first``."""
+    return f"full_focused_on_{first}"
+
+
+def last_stages(cfg, backbone, splits, resume: bool, train_missing: bool, fine_tuned=None) -> list[tuple]:
+    """(name, model, fine-tuning seconds, file in the run) of the full backbone as it is; fine-tuned
+    with the run's budget (``baselines/full.pt``, the comparison's "full backbone + fine-tuning":
+    the control); and fine-tuned with that budget and :func:`agents.cascade.focused_loss` on the
+    images the cheapest fine-tuned subset (the first stage that sends the most images on) is
+    unsure of: the cascade's last stage is the last of these the run has, and each is a static
+    network of the envelope. With ``train_missing`` the two fine-tuned ones are trained where the
+    run has none (``fine_tuned``: the first, already trained by the caller), else only the
+    existing files are used."""
+    device = next(backbone.parameters()).device
+    lasts = [(FULL, backbone, 0.0, "backbone.pt")]
+    first_name, first_path, first_mask = min(fine_tuned_subsets(cfg.run_dir), key=lambda s: int(s[2].sum()))
+    files = {FULL_FT: "full", f"full backbone, focused on {first_name}": focused_name(first_name)}
+    for label, name in files.items():
+        path = cfg.run_dir / "baselines" / f"{name}.pt"
+        file = f"baselines/{name}.pt"
+        if label == FULL_FT and fine_tuned is not None:
+            lasts.append((label, *fine_tuned, file))
+        elif path.exists() and (resume or not train_missing):
+            lasts.append((label, load_model(path, map_location=device).to(device).eval(), load_checkpoint(path)["train_time_s"],
+                          file))
+        elif train_missing:
+            focus = None
+            if name != "full":
+                first = load_model(first_path, map_location=device).to(device)
+                focus = lambda model, first=first: focused_loss(model, first, first_mask,  # noqa: E731
+                                                                cfg.finetune.label_smoothing)
+            model, seconds = finetuned_on_masks(cfg, backbone, name, None, splits, resume, loss_fn_for=focus)
+            lasts.append((label, model.eval(), seconds, file))
+    return lasts
+
+
 @torch.no_grad()
-def cascades_of_run(run_dir: Path, backbone, cost, splits, budgets: list[float], device, max_stages: int = 3) -> dict:
-    """The cascades of the fixed subsets ``run_dir``'s comparison fine-tuned (into ``backbone``,
-    the full network) at each budget, beside the static envelope (see the module's docstring)."""
+def cascades_of_run(run_dir: Path, lasts: list[tuple], cost, splits, budgets: list[float], device, max_stages: int = 3) -> dict:
+    """The cascades of the fixed subsets ``run_dir``'s comparison fine-tuned into the last network
+    of ``lasts`` (:func:`last_stages`: the one trained for the images it gets, where the run has
+    it), at each budget (chain and thresholds chosen on the held-out images), beside the static
+    envelope of all these networks (see the module's docstring). The last stage is not chosen
+    per budget: on 5,000 held-out images that choice among full backbones 0.3 points apart on
+    test was noise (docs/results.md)."""
     subsets = fine_tuned_subsets(run_dir)
     if len(splits.val) == 0:
         raise ConfigError("the cascade's thresholds are chosen on the held-out split: set data.val_fraction > 0")
@@ -72,31 +121,54 @@ def cascades_of_run(run_dir: Path, backbone, cost, splits, budgets: list[float],
         return ScoredNetwork(name, cost.mask_flops(mask).item() / cost.full_flops, mask,
                              predict(model, splits.val, keep_mask_fn=run), predict(model, splits.test, keep_mask_fn=run))
 
-    full = scored("full backbone", backbone, torch.ones(backbone.num_blocks, dtype=torch.bool))
-    smalls, train_time = [], {}
+    backbone = lasts[0][1]
+    every_block = torch.ones(backbone.num_blocks, dtype=torch.bool)
+    larges = [scored(name, model, every_block) for name, model, _, _ in lasts]
+    train_time = {name: seconds for name, _, seconds, _ in lasts}
+    files = {name: file for name, _, _, file in lasts}
+    smalls = []
     for name, path, mask in subsets:
         smalls.append(scored(name, load_model(path, map_location=device).to(device).eval(), mask))
         train_time[name] = load_checkpoint(path).get("train_time_s")
+        files[name] = f"baselines/{path.name}"
     groups, names, how = difficulty_groups(backbone, splits.test)
     val_labels, labels = splits.val.labels.cpu(), splits.test.labels.cpu()
     rows = []
     for budget in budgets:
-        cascade = cascade_for_budget(smalls, full, budget, val_labels, labels, groups, names, max_stages)
+        cascade = cascade_for_budget(smalls, larges[-1], budget, val_labels, labels, groups, names, max_stages)
         if cascade is None:
             continue
-        static = static_envelope_at([*smalls, full], labels, cascade["flops_ratio"])
+        static = static_envelope_at([*smalls, *larges], labels, cascade["flops_ratio"])
         tuned = sum(train_time.get(name) or 0.0 for name in cascade["chain"])  # the full backbone's is every method's
         rows.append({**cascade, "fine_tuning_time_s": tuned, "static": static,
                      "gain_over_static": None if static is None else cascade["accuracy"] - static["mixture"]["accuracy"],
                      "gain_over_single": None if static is None else cascade["accuracy"] - static["single"]["accuracy"]})
-    networks = [{"name": n.name, "mask": mask_string(n.mask), "flops_ratio": n.flops_ratio,
-                 "accuracy": (n.test_logits.argmax(1) == labels).double().mean().item()} for n in [*smalls, full]]
+    networks = [{"name": n.name, "mask": mask_string(n.mask), "flops_ratio": n.flops_ratio, "file": files[n.name],
+                 "accuracy": (n.test_logits.argmax(1) == labels).double().mean().item()} for n in [*smalls, *larges]]
     return {"networks": networks, "cascades": rows, "difficulty_groups": how,
             "held_out_images": len(splits.val), "test_images": len(splits.test)}
 
 
-def cascade_study(run_dir: Path, budgets: list[float], max_stages: int = 3) -> dict:
-    """:func:`cascades_of_run` of a finished run, stored in its ``metrics.json`` (``cascade``)."""
+def load_cascade(run_dir: Path, budget: float, device) -> tuple:
+    """The cascade ``experiments.cascade`` chose for the budget nearest ``budget`` in ``run_dir``'s
+    metrics, as a :class:`agents.cascade.CascadeModel` on ``device``: (its result row, the model,
+    each network's FLOPs ratio, the run's config)."""
+    metrics_path = run_dir / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    rows = metrics.get(STAGE, {}).get("cascades")
+    if not rows:
+        raise ConfigError(f"{metrics_path} holds no cascades: run python -m experiments.cascade --run {run_dir} first")
+    row = min(rows, key=lambda r: abs(r["budget"] - budget))
+    networks = {n["name"]: n for n in metrics[STAGE]["networks"]}
+    chain = [networks[name] for name in row["chain"]]
+    models = [load_model(run_dir / n["file"], map_location=device).to(device).eval() for n in chain]
+    masks = [torch.tensor([c == "1" for c in n["mask"]]) for n in chain]
+    return row, CascadeModel(models, masks, row["thresholds"]), [n["flops_ratio"] for n in chain], load_config(run_dir / "config.yaml")
+
+
+def cascade_study(run_dir: Path, budgets: list[float], max_stages: int = 3, train_last: bool = False) -> dict:
+    """:func:`cascades_of_run` of a finished run, stored in its ``metrics.json`` (``cascade``);
+    ``train_last``: fine-tune the last stages the run lacks first (:func:`last_stages`)."""
     if not (run_dir / "config.yaml").exists():
         raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
     if max_stages not in (2, 3):
@@ -108,9 +180,10 @@ def cascade_study(run_dir: Path, budgets: list[float], max_stages: int = 3) -> d
     device = resolve_device(cfg.device)
     splits = load_splits(cfg.data)
     backbone = load_backbone(run_dir, device).eval()
-    result = cascades_of_run(run_dir, backbone, measure_backbone_cost(backbone, image_size_of(splits.test)), splits,
-                             budgets, device, max_stages)
     with owning(run_dir):
+        lasts = last_stages(cfg, backbone, splits, resume=True, train_missing=train_last)
+        result = cascades_of_run(run_dir, lasts, measure_backbone_cost(backbone, image_size_of(splits.test)), splits,
+                                 budgets, device, max_stages)
         update_metrics(run_dir, STAGE, result)
     return result
 
@@ -118,11 +191,12 @@ def cascade_study(run_dir: Path, budgets: list[float], max_stages: int = 3) -> d
 def print_text(result: dict) -> None:
     print(f"static networks (test top-1 on {result['test_images']} images):")
     for n in result["networks"]:
-        print(f"  {n['name']:<22}{n['mask']:>20}  FLOPs {n['flops_ratio']:.3f}  {100 * n['accuracy']:.2f}%")
-    print(f"cascades into the full backbone (small network and threshold chosen on {result['held_out_images']} "
-          f"held-out images); static: the best single network of at most the cascade's FLOPs, and the best random "
-          f"mixture of two at equal FLOPs (the gain is over the mixture):")
-    print(f"{'budget':>7}{'networks':>32}{'sent on':>9}{'FLOPs':>7}{'top-1':>8}{'single':>25}{'mixture':>9}{'gain':>7}"
+        print(f"  {n['name']:<40}{n['mask']:>20}  FLOPs {n['flops_ratio']:.3f}  {100 * n['accuracy']:.2f}%")
+    print(f"cascades into the full backbone, as it is or fine-tuned (plainly, or focused on the images the cheapest "
+          f"subset is unsure of); networks and thresholds chosen on {result['held_out_images']} held-out images; "
+          f"static: the best single network of at most the cascade's FLOPs, and the best random mixture of two at "
+          f"equal FLOPs (the gain is over the mixture):")
+    print(f"{'budget':>7}{'networks':>36}{'sent on':>9}{'FLOPs':>7}{'top-1':>8}{'single':>25}{'mixture':>9}{'gain':>7}"
           f"{'blocks std':>11}{'hard-easy':>10}")
     for r in result["cascades"]:
         s, a = r["static"], r["adaptivity"]
@@ -130,7 +204,7 @@ def print_text(result: dict) -> None:
         mixture = "-" if s is None else f"{100 * s['mixture']['accuracy']:.2f}%"
         gain = "" if r["gain_over_static"] is None else f"{100 * r['gain_over_static']:+.2f}"
         chain = " > ".join(name.replace("subset_", "") for name in r["chain"]).replace("full backbone", "full")
-        print(f"{r['budget']:>7.2f}{chain:>32}{r['sent_on']:>9.3f}{r['flops_ratio']:>7.3f}{100 * r['accuracy']:>7.2f}%"
+        print(f"{r['budget']:>7.2f}{chain:>36}{r['sent_on']:>9.3f}{r['flops_ratio']:>7.3f}{100 * r['accuracy']:>7.2f}%"
               f"{single:>25}{mixture:>9}{gain:>7}{a['blocks_used_std']:>11.2f}{a.get('hard_minus_easy_blocks', 0):>10.2f}")
 
 
@@ -139,7 +213,11 @@ def main() -> None:
     parser.add_argument("--budgets", type=float, nargs="+", default=list(DEFAULT_BUDGETS),
                         help="FLOPs ratios (of the full backbone) to build a cascade for")
     parser.add_argument("--stages", type=int, default=3, help="most networks in a cascade: 2 or 3 (the last is the full backbone)")
-    cli(lambda args: print_report(cascade_study(args.run, args.budgets, args.stages), args.json, print_text), parser)
+    parser.add_argument("--train-last", action="store_true",
+                        help="first fine-tune the full backbone where the run has no such file yet: plainly (the control) "
+                             "and focused on the images the cheapest subset is unsure of (one fine-tuning budget each)")
+    cli(lambda args: print_report(cascade_study(args.run, args.budgets, args.stages, args.train_last), args.json,
+                                  print_text), parser)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ policy or the gates), read at the FLOPs budgets of ``study.budgets`` (``experime
   it is sure of, a larger one (or the full backbone) the rest; the chain and thresholds for each
   budget chosen on the held-out split (none without one). The simplest per-image compute, built
   from the static networks above at their training budget: the control for whether adaptivity pays;
+  its last stage may be the full backbone fine-tuned (that budget again) focused on the images the
+  cheapest subset is unsure of (``agents.cascade.focused_loss``), a static network like the others;
 - the **full backbone**, as it is and fine-tuned with the same budget (what the extra epochs
   alone are worth), and the **per-image oracle** among the fixed-subset masks (a bound: how much
   any per-image policy could gain on this backbone).
@@ -47,13 +49,14 @@ from backbone.data.datasets import Splits, load_splits
 from backbone.data.streaming import image_size_of
 from backbone.errors import ConfigError
 from backbone.models.cost import measure_backbone_cost
-from backbone.models.weights import load_checkpoint, load_model, save_checkpoint
+from backbone.models.weights import load_checkpoint, save_checkpoint
 from backbone.training import distributed
-from backbone.training.loop import evaluate, predict, resolve_device, stochastic_depth_sampler, train
+from backbone.training.loop import evaluate, predict, resolve_device, stochastic_depth_sampler
 from backbone.training.refit import refit_heads, refit_images
-from experiments.cascade import cascades_of_run
+from experiments.cascade import FULL, FULL_FT, cascades_of_run, last_stages
 from experiments.common import cli, config_from_args, experiment_parser, finished_stage, tensorboard_writer, update_metrics
 from experiments.config import ExperimentConfig
+from experiments.finetuned import finetuned_on_masks
 from experiments.curves import accuracy_at, headline, point
 from experiments.pretrain import backbone_path, load_backbone
 from experiments.static_networks import static_description, static_networks, static_recipe
@@ -64,7 +67,7 @@ RL, RL_FT = "RL policy", "RL policy + joint fine-tuning"
 GATES, STATIC = "differentiable gates", "static ResNet (depth × width)"
 SUBSET, SUBSET_FT = "fixed subset", "fixed subset + fine-tuning"
 RANDOM, RANDOM_FT = "random dropping", "random dropping + fine-tuning"
-FULL, FULL_FT, ORACLE = "full backbone", "full backbone + fine-tuning", "oracle (per image, fixed-subset masks)"
+ORACLE = "oracle (per image, fixed-subset masks)"
 CASCADE = "confidence cascade (fixed subsets, then the full backbone)"
 
 
@@ -87,24 +90,6 @@ def policy_points(metrics: dict) -> dict[str, list[dict]]:
             curves[RL_FT].append(point(v["test"]["flops_ratio"], v["test"]["accuracy"],
                                        pretrain + p["train_time_s"] + v["train_time_s"], **extra))
     return {k: sorted(v, key=lambda q: q["flops_ratio"]) for k, v in curves.items() if v}
-
-
-def finetuned_on_masks(cfg: ExperimentConfig, backbone, name: str, sampler, splits: Splits, resume: bool):
-    """``backbone`` fine-tuned with the joint fine-tuning's recipe and budget, each batch run with
-    ``sampler``'s masks; kept in ``baselines/<name>.pt``. Returns (model, training seconds)."""
-    out = cfg.run_dir / "baselines" / f"{name}.pt"
-    if resume and out.exists():
-        return load_model(out).to(next(backbone.parameters()).device), load_checkpoint(out)["train_time_s"]
-    model = copy.deepcopy(backbone)
-    history = train(model, splits.train, None, cfg.finetune, checkpoint_dir=out.parent / f"checkpoints_{name}",
-                    resume=resume, mask_sampler=sampler, seed=cfg.seed, desc=name)
-    train_time = sum(r["epoch_time_s"] for r in history["history"])
-    if cfg.finetune.refit_heads:  # the pair's refit (agents.joint), on the same images, with this method's masks
-        gen = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed + 3)
-        masks_for = None if sampler is None else (lambda images: sampler(images, None, gen))
-        train_time += refit_heads(model, refit_images(splits.train, cfg.finetune.refit_heads, cfg.seed), masks_for)
-    save_checkpoint(out, model, train_time_s=train_time)
-    return model, train_time
 
 
 def bracketing(flops_ratios: list[float], budget: float) -> set[int]:
@@ -277,15 +262,17 @@ def run_compare(cfg: ExperimentConfig, resume: bool = False, splits: Splits | No
 
     curves = {FULL: [point(1.0, evaluate(backbone, splits.test)["accuracy"], pretrain_time)]}
     leave_out = set(cfg.study.leave_out)
+    fine_tuned = None
     if "full_finetune" not in leave_out:
         # The same fine-tuning budget on the full network: what the extra epochs alone are worth.
-        tuned, tuned_time = finetuned_on_masks(cfg, backbone, "full", None, splits, resume)
-        curves[FULL_FT] = [point(1.0, evaluate(tuned, splits.test)["accuracy"], pretrain_time + tuned_time)]
+        fine_tuned = finetuned_on_masks(cfg, backbone, "full", None, splits, resume)
+        curves[FULL_FT] = [point(1.0, evaluate(fine_tuned[0], splits.test)["accuracy"], pretrain_time + fine_tuned[1])]
     subsets, bound = fixed_subsets(cfg, backbone, cost, splits, pretrain_time, resume)
     curves.update(subsets)
     if "cascade" not in leave_out and len(splits.val) and subsets[SUBSET_FT]:
-        distributed.barrier()  # rank 0 wrote the fine-tuned subsets' files; each rank scores them (inference only)
-        curves[CASCADE] = cascade_points(cascades_of_run(run_dir, backbone, cost, splits, cfg.study.budgets, device),
+        distributed.barrier()  # rank 0 wrote the fine-tuned subsets' files; every rank reads them
+        lasts = last_stages(cfg, backbone, splits, resume, train_missing=True, fine_tuned=fine_tuned)
+        curves[CASCADE] = cascade_points(cascades_of_run(run_dir, lasts, cost, splits, cfg.study.budgets, device),
                                          pretrain_time)
     if "random_dropping" not in leave_out:
         curves.update(random_dropping(cfg, backbone, cost, splits, pretrain_time, resume))

@@ -8,7 +8,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from agents.cascade import ScoredNetwork, cascade_for_budget, run_cascade, static_envelope_at, threshold_for_share
+import torch.nn.functional as F
+
+from agents.cascade import (
+    CascadeModel,
+    ScoredNetwork,
+    cascade_decisions,
+    cascade_latency,
+    cascade_for_budget,
+    focused_loss,
+    run_cascade,
+    static_envelope_at,
+    threshold_for_share,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,6 +101,73 @@ def test_the_small_network_and_threshold_are_chosen_on_held_out_images_only():
     chosen = cascade_for_budget([a, b], large, 0.3, labels, labels)
     assert chosen["small"] == "a" and chosen["held_out_accuracy"] == 1.0 and chosen["accuracy"] == 0.0
     assert cascade_for_budget([a, b], large, 0.2, labels, labels) is None  # no small network fits
+
+
+class FixedFirstStage(torch.nn.Module):
+    """A first stage whose logits are stored per image (the image's first pixel is its index);
+    it records the keep masks it was called with."""
+
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.logits = torch.nn.Parameter(logits)
+        self.masks = []
+
+    def forward(self, images, keep_mask):
+        self.masks.append(keep_mask)
+        return self.logits[images[:, 0, 0, 0].long()]
+
+
+def test_focused_loss_weights_each_image_by_how_unsure_the_first_stage_is():
+    torch.manual_seed(0)
+    labels = torch.randint(0, 4, (6,))
+    sure = torch.tensor([True, True, False, False, True, False])
+    first = FixedFirstStage(logits_for(labels, torch.ones(6, dtype=torch.bool), sure))
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 2 * 2, 4))
+    images = torch.rand(6, 3, 2, 2)
+    images[:, 0, 0, 0] = torch.arange(6).float()
+    mask = torch.tensor([True, False, True])
+    loss, logits = focused_loss(model, first, mask)(images, labels, None)
+    unsure = 1 - first.logits.detach().softmax(1).max(1).values
+    per_image = F.cross_entropy(model(images), labels, reduction="none")
+    assert torch.equal(logits, model(images))
+    assert loss.item() == pytest.approx((per_image * unsure / unsure.mean()).mean().item(), rel=1e-5)
+    squared = focused_loss(model, first, mask, power=2.0)(images, labels, None)[0]
+    assert squared.item() == pytest.approx((per_image * unsure ** 2 / (unsure ** 2).mean()).mean().item(), rel=1e-5)
+    # The images the first stage is sure of (top probability ~1) add almost nothing; the loss
+    # trains the model only, and the first stage runs its own mask, frozen and in eval mode.
+    assert (unsure[sure] < 2e-3).all() and (unsure[~sure] > 0.4).all()
+    loss.backward()
+    assert model[1].weight.grad is not None and first.logits.grad is None and not first.training
+    assert torch.equal(first.masks[-1], mask.expand(6, -1))
+
+
+def test_the_deployable_cascade_answers_each_image_with_the_stage_a_held_out_search_would_pick():
+    from backbone import build_resnet
+
+    torch.manual_seed(0)
+    small, middle, large = (build_resnet("resnet20", num_classes=4, width=4).eval() for _ in range(3))
+    masks = [torch.tensor([True, False, True, False, False, True, True, False, True]),
+             torch.tensor([True, True, True, False, True, True, True, True, True]), torch.ones(9, dtype=torch.bool)]
+    images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        logits = [net(images, m.expand(40, -1)) for net, m in zip((small, middle, large), masks)]
+    scored = [ScoredNetwork(str(i), 0.3 * (i + 1), m, lg, lg) for i, (m, lg) in enumerate(zip(masks, logits))]
+    thresholds = [threshold_for_share(scored[0].test[0], 0.5), threshold_for_share(scored[1].test[0], 0.4)]
+    prediction, stage = cascade_decisions(scored, thresholds)
+    cascade = CascadeModel([small, middle, large], masks, thresholds)
+    out, answered_by = cascade.answer(images)
+    assert torch.equal(answered_by, stage) and torch.equal(out.argmax(1), prediction)
+    assert set(stage.tolist()) == {0, 1, 2}  # every stage answers some images here
+    for i in range(3):  # each image's logits are those of the network that answered it
+        assert torch.allclose(out[stage == i], logits[i][stage == i], atol=1e-5)
+    rows = cascade_latency(cascade, large, images, [0.3, 0.6, 0.9], batch=16, stream=4, repeats=1,
+                           device=torch.device("cpu"), warmup=0)
+    assert [r["batch"] for r in rows] == [1, 16] and rows[1]["images"] == 16
+    flops = 0.3 + 0.6 * (stage[:16] >= 1).double().mean().item() + 0.9 * (stage[:16] >= 2).double().mean().item()
+    assert rows[1]["flops_ratio"] == pytest.approx(1 / flops)
+    assert rows[1]["efficiency"] == pytest.approx(rows[1]["time_ratio"] / rows[1]["flops_ratio"])
+    with pytest.raises(ValueError, match="2 or more networks"):
+        CascadeModel([small], masks[:1], [])
 
 
 def test_threshold_for_share_splits_the_held_out_images():

@@ -52,8 +52,13 @@ def test_every_stage_and_baseline_is_in_the_report(study):
                            "fixed subset + fine-tuning", "random dropping", "random dropping + fine-tuning",
                            "differentiable gates", "static ResNet (depth × width)",
                            "confidence cascade (fixed subsets, then the full backbone)"}
-    for c in curves["confidence cascade (fixed subsets, then the full backbone)"]:  # built from the fine-tuned subsets
-        assert c["knob"]["chain"][0].startswith("subset_k") and c["knob"]["chain"][-1] == "full backbone"
+    # Built from the fine-tuned subsets, into the full backbone fine-tuned focused on the images the
+    # cheapest of them is unsure of (a file of the run, as the plainly fine-tuned control is).
+    focused = list((run_dir / "baselines").glob("full_focused_on_subset_k*.pt"))
+    assert (run_dir / "baselines" / "full.pt").exists() and len(focused) == 1
+    for c in curves["confidence cascade (fixed subsets, then the full backbone)"]:
+        assert c["knob"]["chain"][0].startswith("subset_k")
+        assert c["knob"]["chain"][-1] == "full backbone, focused on " + focused[0].stem.removeprefix("full_focused_on_")
     assert len(curves["RL policy"]) == len(curves["RL policy + joint fine-tuning"]) == 2  # the main λ and 0.2
     assert len(curves["fixed subset"]) == 4  # every size k = 0..3, chosen exhaustively on held-out images
     assert compare["fixed_subset_search"]["search"] == "exhaustive"
@@ -204,6 +209,9 @@ def test_cascade_cli_scores_cascades_of_the_comparisons_own_networks(study):
     out = json.loads(result.stdout)
     networks = {n["name"]: n for n in out["networks"]}
     assert networks["full backbone"]["flops_ratio"] == 1.0 and any(n.startswith("subset_k") for n in networks)
+    # The comparison's fine-tuned last stages are networks of the study too (static points of the envelope).
+    cheapest = min((n for n in networks if n.startswith("subset_k")), key=lambda n: networks[n]["mask"].count("1"))
+    assert {"full backbone + fine-tuning", f"full backbone, focused on {cheapest}"} <= set(networks)
     assert out["cascades"] and out["difficulty_groups"].startswith("the dataset's difficulty levels")
     for c in out["cascades"]:
         assert networks[c["small"]]["flops_ratio"] <= c["budget"]  # chosen among the networks that fit
