@@ -71,7 +71,7 @@ def focused_name(first: str) -> str:
     return f"full_focused_on_{first}"
 
 
-def last_stages(cfg, backbone, splits, resume: bool, train_missing: bool, fine_tuned=None) -> list[tuple]:
+def last_stages(cfg, backbone, cost, splits, resume: bool, train_missing: bool, fine_tuned=None) -> list[tuple]:
     """(name, model, fine-tuning seconds, file in the run) of the full backbone as it is; fine-tuned
     with the run's budget (``baselines/full.pt``, the comparison's "full backbone + fine-tuning":
     the control); and fine-tuned with that budget and :func:`agents.cascade.focused_loss` on the
@@ -82,7 +82,7 @@ def last_stages(cfg, backbone, splits, resume: bool, train_missing: bool, fine_t
     existing files are used."""
     device = next(backbone.parameters()).device
     lasts = [(FULL, backbone, 0.0, "backbone.pt")]
-    first_name, first_path, first_mask = min(fine_tuned_subsets(cfg.run_dir), key=lambda s: int(s[2].sum()))
+    first_name, first_path, first_mask = min(fine_tuned_subsets(cfg.run_dir), key=lambda s: cost.mask_flops(s[2]).item())
     files = {FULL_FT: "full", f"full backbone, focused on {first_name}": focused_name(first_name)}
     for label, name in files.items():
         path = cfg.run_dir / "baselines" / f"{name}.pt"
@@ -181,9 +181,9 @@ def cascade_study(run_dir: Path, budgets: list[float], max_stages: int = 3, trai
     splits = load_splits(cfg.data)
     backbone = load_backbone(run_dir, device).eval()
     with owning(run_dir):
-        lasts = last_stages(cfg, backbone, splits, resume=True, train_missing=train_last)
-        result = cascades_of_run(run_dir, lasts, measure_backbone_cost(backbone, image_size_of(splits.test)), splits,
-                                 budgets, device, max_stages)
+        cost = measure_backbone_cost(backbone, image_size_of(splits.test))
+        lasts = last_stages(cfg, backbone, cost, splits, resume=True, train_missing=train_last)
+        result = cascades_of_run(run_dir, lasts, cost, splits, budgets, device, max_stages)
         update_metrics(run_dir, STAGE, result)
     return result
 
@@ -196,7 +196,7 @@ def print_text(result: dict) -> None:
           f"subset is unsure of); networks and thresholds chosen on {result['held_out_images']} held-out images; "
           f"static: the best single network of at most the cascade's FLOPs, and the best random mixture of two at "
           f"equal FLOPs (the gain is over the mixture):")
-    print(f"{'budget':>7}{'networks':>36}{'sent on':>9}{'FLOPs':>7}{'top-1':>8}{'single':>25}{'mixture':>9}{'gain':>7}"
+    print(f"{'budget':>7}{'networks':>46}{'sent on':>9}{'FLOPs':>7}{'top-1':>8}{'single':>25}{'mixture':>9}{'gain':>7}"
           f"{'blocks std':>11}{'hard-easy':>10}")
     for r in result["cascades"]:
         s, a = r["static"], r["adaptivity"]
@@ -204,7 +204,7 @@ def print_text(result: dict) -> None:
         mixture = "-" if s is None else f"{100 * s['mixture']['accuracy']:.2f}%"
         gain = "" if r["gain_over_static"] is None else f"{100 * r['gain_over_static']:+.2f}"
         chain = " > ".join(name.replace("subset_", "") for name in r["chain"]).replace("full backbone", "full")
-        print(f"{r['budget']:>7.2f}{chain:>36}{r['sent_on']:>9.3f}{r['flops_ratio']:>7.3f}{100 * r['accuracy']:>7.2f}%"
+        print(f"{r['budget']:>7.2f}{chain:>46}{r['sent_on']:>9.3f}{r['flops_ratio']:>7.3f}{100 * r['accuracy']:>7.2f}%"
               f"{single:>25}{mixture:>9}{gain:>7}{a['blocks_used_std']:>11.2f}{a.get('hard_minus_easy_blocks', 0):>10.2f}")
 
 

@@ -271,7 +271,7 @@ def run_compare(cfg: ExperimentConfig, resume: bool = False, splits: Splits | No
     curves.update(subsets)
     if "cascade" not in leave_out and len(splits.val) and subsets[SUBSET_FT]:
         distributed.barrier()  # rank 0 wrote the fine-tuned subsets' files; every rank reads them
-        lasts = last_stages(cfg, backbone, splits, resume, train_missing=True, fine_tuned=fine_tuned)
+        lasts = last_stages(cfg, backbone, cost, splits, resume, train_missing=True, fine_tuned=fine_tuned)
         curves[CASCADE] = cascade_points(cascades_of_run(run_dir, lasts, cost, splits, cfg.study.budgets, device),
                                          pretrain_time)
     if "random_dropping" not in leave_out:

@@ -54,7 +54,7 @@ def test_every_stage_and_baseline_is_in_the_report(study):
                            "confidence cascade (fixed subsets, then the full backbone)"}
     # Built from the fine-tuned subsets, into the full backbone fine-tuned focused on the images the
     # cheapest of them is unsure of (a file of the run, as the plainly fine-tuned control is).
-    focused = list((run_dir / "baselines").glob("full_focused_on_subset_k*.pt"))
+    focused = list((run_dir / "baselines").glob("full_focused_on_subset_*.pt"))
     assert (run_dir / "baselines" / "full.pt").exists() and len(focused) == 1
     for c in curves["confidence cascade (fixed subsets, then the full backbone)"]:
         assert c["knob"]["chain"][0].startswith("subset_k")
@@ -210,7 +210,7 @@ def test_cascade_cli_scores_cascades_of_the_comparisons_own_networks(study):
     networks = {n["name"]: n for n in out["networks"]}
     assert networks["full backbone"]["flops_ratio"] == 1.0 and any(n.startswith("subset_k") for n in networks)
     # The comparison's fine-tuned last stages are networks of the study too (static points of the envelope).
-    cheapest = min((n for n in networks if n.startswith("subset_k")), key=lambda n: networks[n]["mask"].count("1"))
+    cheapest = min((n for n in networks if n.startswith("subset_")), key=lambda n: networks[n]["flops_ratio"])
     assert {"full backbone + fine-tuning", f"full backbone, focused on {cheapest}"} <= set(networks)
     assert out["cascades"] and out["difficulty_groups"].startswith("the dataset's difficulty levels")
     for c in out["cascades"]:
