@@ -312,6 +312,10 @@ def main(argv=None) -> None:
             raise ConfigError(f"--max-ranges must be >= 0, got {args.max_ranges}")
         for arch in filter(is_torchvision_name, args.arch):
             parse_torchvision_name(arch)  # a bad name fails now, not after the first cases
+        if "cascade" in args.bench and args.run is not None:
+            from experiments.cascade import chosen_cascade
+
+            chosen_cascade(args.run, args.budget)  # a run without cascades fails before any timing
     except ConfigError as exc:
         parser.error(str(exc))
     if args.max_ranges is not None:

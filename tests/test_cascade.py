@@ -176,6 +176,18 @@ def test_threshold_for_share_splits_the_held_out_images():
         assert (confidence < threshold_for_share(confidence, share)).double().mean().item() == pytest.approx(share, abs=0.011)
 
 
+def test_the_cascade_benchmark_refuses_a_run_without_cascades(tmp_path, capsys):
+    from experiments import benchmark
+
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main(["--bench", "cascade", "--run", str(tmp_path)])
+    assert exit_info.value.code != 0
+    assert "holds no cascades: run python -m experiments.cascade" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        benchmark.main(["--bench", "cascade"])
+    assert "--bench cascade needs --run DIR" in capsys.readouterr().err
+
+
 def test_cascade_cli_refuses_a_run_without_fine_tuned_subsets(tmp_path):
     (tmp_path / "config.yaml").write_text("name: x\n")
     done = subprocess.run([sys.executable, "-m", "experiments.cascade", "--run", str(tmp_path)], cwd=ROOT,
