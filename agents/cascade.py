@@ -114,8 +114,13 @@ def cascade_decisions(chain: list[ScoredNetwork], thresholds: list[float], held_
 
 def cascade_flops(chain: list[ScoredNetwork], stage: torch.Tensor) -> float:
     """Mean FLOPs ratio per image: every network up to the one that answered it."""
-    reached = torch.stack([(stage >= i).double().mean() for i in range(len(chain))])
-    return float(sum(r.item() * n.flops_ratio for r, n in zip(reached, chain)))
+    return stage_flops([n.flops_ratio for n in chain], stage)
+
+
+def stage_flops(flops_ratios: list[float], stage: torch.Tensor) -> float:
+    """Mean FLOPs ratio per image of a chain whose networks cost ``flops_ratios``, each image
+    having run every network up to its ``stage``."""
+    return float(sum(f * (stage >= i).double().mean().item() for i, f in enumerate(flops_ratios)))
 
 
 def run_cascade(chain: list[ScoredNetwork], thresholds: list[float], labels: torch.Tensor,
@@ -226,13 +231,13 @@ class CascadeModel(torch.nn.Module):
                              f"{len(networks)}, {len(masks)}, {len(thresholds)}")
         self.networks = torch.nn.ModuleList(networks)
         self.masks = [m.bool().cpu() for m in masks]
+        self.every_block = [bool(m.all()) for m in self.masks]  # such a stage runs its plain forward
         self.thresholds = list(thresholds)
 
     def stage_logits(self, i: int, images: torch.Tensor) -> torch.Tensor:
-        mask = self.masks[i]
-        if bool(mask.all()):
+        if self.every_block[i]:
             return self.networks[i](images)
-        return self.networks[i](images, mask.to(images.device).expand(images.shape[0], -1))
+        return self.networks[i](images, self.masks[i].to(images.device).expand(images.shape[0], -1))
 
     @torch.no_grad()
     def answer(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -278,7 +283,7 @@ def cascade_latency(cascade: CascadeModel, full: torch.nn.Module, images: torch.
             times = median_times({"full": lambda: [full(x) for x in chunks], "cascade": lambda: [cascade(x) for x in chunks],
                                   "first": lambda: [cascade.stage_logits(0, x) for x in chunks]},
                                  device, warmup=warmup, repeats=repeats)
-        flops = sum(f * (stages >= i).double().mean().item() for i, f in enumerate(flops_ratios))
+        flops = stage_flops(flops_ratios, stages)
         time_ratio = times["full"] / times["cascade"]
         rows.append({"batch": size, "images": count, "full_ms": times["full"] * 1e3 / len(chunks),
                      "cascade_ms": times["cascade"] * 1e3 / len(chunks), "time_ratio": time_ratio,

@@ -66,11 +66,6 @@ def fine_tuned_subsets(run_dir: Path) -> list[tuple[str, Path, torch.Tensor]]:
     return found
 
 
-def focused_name(first: str) -> str:
-    """The file (``baselines/<name>.pt``) of the full backbone fine-tuned focused on ``first``."""
-    return f"full_focused_on_{first}"
-
-
 def last_stages(cfg, backbone, cost, splits, resume: bool, train_missing: bool, fine_tuned=None) -> list[tuple]:
     """(name, model, fine-tuning seconds, file in the run) of the full backbone as it is; fine-tuned
     with the run's budget (``baselines/full.pt``, the comparison's "full backbone + fine-tuning":
@@ -83,7 +78,7 @@ def last_stages(cfg, backbone, cost, splits, resume: bool, train_missing: bool, 
     device = next(backbone.parameters()).device
     lasts = [(FULL, backbone, 0.0, "backbone.pt")]
     first_name, first_path, first_mask = min(fine_tuned_subsets(cfg.run_dir), key=lambda s: cost.mask_flops(s[2]).item())
-    files = {FULL_FT: "full", f"full backbone, focused on {first_name}": focused_name(first_name)}
+    files = {FULL_FT: "full", f"full backbone, focused on {first_name}": f"full_focused_on_{first_name}"}
     for label, name in files.items():
         path = cfg.run_dir / "baselines" / f"{name}.pt"
         file = f"baselines/{name}.pt"
