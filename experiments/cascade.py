@@ -1,12 +1,15 @@
-"""Does per-image compute pay on this backbone? ``python -m experiments.cascade --run DIR [--budgets B ...] [--train-last] [--json]``.
+"""Does per-image compute pay on this backbone? ``python -m experiments.cascade --run DIR [--budgets B ...] [--train-missing] [--json]``.
 
 Confidence cascades (``agents.cascade``) built from a finished comparison's own static networks:
 each fine-tuned fixed subset (``baselines/subset_*.pt``, written by ``experiments.compare``) as
 a small network, the full backbone as the last one: fine-tuned with the run's budget focused on
 the images the cheapest subset is unsure of (``baselines/full_focused_on_<subset>.pt``,
 :func:`agents.cascade.focused_loss`), or where the run has none, fine-tuned plainly
-(``baselines/full.pt``, the comparison's "full backbone + fine-tuning") or as it is
-(``--train-last`` trains the missing ones first; ``experiments.compare`` always does). For every
+(``baselines/full.pt``, the comparison's "full backbone + fine-tuning") or as it is. Every other
+subset is there fine-tuned both ways too (``baselines/<subset>_focused_on_<subset>.pt``): the
+focus is a better recipe for static networks as well, so the envelope holds both.
+``--train-missing`` trains the focused networks a run lacks first; ``experiments.compare`` always
+does. For every
 FLOPs budget the chain and its thresholds are chosen on the held-out split, then the cascade is
 scored on the test split beside what static networks reach at its FLOPs (every network above,
 all three full backbones included, counts as one): the best single one of at most that
@@ -21,6 +24,7 @@ the full backbone as it is is every method's starting point. Stored in ``metrics
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -44,25 +48,66 @@ FULL, FULL_FT = "full backbone", "full backbone + fine-tuning"
 DEFAULT_BUDGETS = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8)
 #: baselines/<prefix>k<blocks>.pt -> the ladder file whose masks they were trained with (experiments.compare).
 LADDERS = {"subset_k": "ladder.json", "subset_nested_k": "ladder_nested.json"}
+SUBSET_FILE = re.compile(r"(?P<prefix>subset_(?:nested_)?k)(?P<k>\d+)(?P<focus>_focused_on_\w+)?")
 
 
-def fine_tuned_subsets(run_dir: Path) -> list[tuple[str, Path, torch.Tensor]]:
+def fine_tuned_subsets(run_dir: Path, focused: bool = True) -> list[tuple[str, Path, torch.Tensor]]:
     """(name, model file, keep mask) of every fixed subset the run's comparison fine-tuned (at
-    least one, else a ConfigError)."""
+    least one, else a ConfigError): ``baselines/subset_[nested_]k<blocks>.pt``, and with
+    ``focused`` their copies fine-tuned on the first stage's unsure images
+    (``..._focused_on_<first>.pt``, :func:`focused_subsets`), which share their masks."""
     found = []
-    for prefix, ladder_file in LADDERS.items():
-        files = sorted((run_dir / "baselines").glob(f"{prefix}[0-9]*.pt"))
-        if not files:
+    for path in sorted((run_dir / "baselines").glob("subset_*.pt")):
+        match = SUBSET_FILE.fullmatch(path.stem)
+        if match is None or (match["focus"] and not focused):
             continue
-        if not (run_dir / ladder_file).exists():
-            raise ConfigError(f"{run_dir / ladder_file} is missing: the masks of {files[0].name} are in it")
-        masks = json.loads((run_dir / ladder_file).read_text())["masks"]
-        for f in files:
-            k = int(f.stem[len(prefix):])
-            found.append((f.stem, f, torch.tensor([c == "1" for c in masks[k]])))
+        ladder_file = run_dir / LADDERS[match["prefix"]]
+        if not ladder_file.exists():
+            raise ConfigError(f"{ladder_file} is missing: the masks of {path.name} are in it")
+        masks = json.loads(ladder_file.read_text())["masks"]
+        found.append((path.stem, path, torch.tensor([c == "1" for c in masks[int(match["k"])]])))
     if not found:
         raise ConfigError(f"{run_dir / 'baselines'} holds no fine-tuned fixed subsets: run experiments.compare first "
                           f"(with fixed_subsets in the study)")
+    return found
+
+
+def first_stage(run_dir: Path, cost) -> tuple[str, Path, torch.Tensor]:
+    """The cheapest plainly fine-tuned subset by FLOPs: the cascades' usual first stage, whose
+    unsure images the focused networks are trained on."""
+    return min(fine_tuned_subsets(run_dir, focused=False), key=lambda s: cost.mask_flops(s[2]).item())
+
+
+def focus_on(cfg, first: tuple[str, Path, torch.Tensor], device):
+    """``loss_fn_for`` of :func:`experiments.finetuned.finetuned_on_masks`: the focused loss on
+    the images ``first`` (:func:`first_stage`) is unsure of."""
+    _, path, mask = first
+    model = load_model(path, map_location=device).to(device)
+    return lambda trained: focused_loss(trained, model, mask, cfg.finetune.label_smoothing)
+
+
+def focused_subsets(cfg, backbone, cost, splits, resume: bool, train_missing: bool = True) -> list[tuple]:
+    """(name, model, fine-tuning seconds, keep mask) of every plainly fine-tuned subset but the
+    first stage, fine-tuned again from ``backbone`` with the same budget and mask but
+    :func:`agents.cascade.focused_loss` (``baselines/<subset>_focused_on_<first>.pt``).
+    Why: the focus is a better recipe for static subsets too (docs/results.md), so without these
+    the cascades' focused stages would be scored against weaker static networks. Without
+    ``train_missing`` only the files the run has are loaded."""
+    device = next(backbone.parameters()).device
+    first = first_stage(cfg.run_dir, cost)
+    focus, found = None, []
+    for name, path, mask in fine_tuned_subsets(cfg.run_dir, focused=False):
+        if name == first[0]:
+            continue
+        focused = f"{name}_focused_on_{first[0]}"
+        if not train_missing and not (cfg.run_dir / "baselines" / f"{focused}.pt").exists():
+            continue
+        focus = focus or focus_on(cfg, first, device)
+        fixed = mask.to(device)
+        model, seconds = finetuned_on_masks(cfg, backbone, focused,
+                                            lambda images, *_, fixed=fixed: fixed.expand(images.shape[0], -1), splits,
+                                            resume or not train_missing, loss_fn_for=focus)
+        found.append((focused, model.eval(), seconds, mask))
     return found
 
 
@@ -70,15 +115,14 @@ def last_stages(cfg, backbone, cost, splits, resume: bool, train_missing: bool, 
     """(name, model, fine-tuning seconds, file in the run) of the full backbone as it is; fine-tuned
     with the run's budget (``baselines/full.pt``, the comparison's "full backbone + fine-tuning":
     the control); and fine-tuned with that budget and :func:`agents.cascade.focused_loss` on the
-    images the cheapest fine-tuned subset (the first stage that sends the most images on) is
-    unsure of: the cascade's last stage is the last of these the run has, and each is a static
-    network of the envelope. With ``train_missing`` the two fine-tuned ones are trained where the
-    run has none (``fine_tuned``: the first, already trained by the caller), else only the
-    existing files are used."""
+    images the first stage (:func:`first_stage`) is unsure of: the cascade's last stage is the
+    last of these the run has, and each is a static network of the envelope. With
+    ``train_missing`` the two fine-tuned ones are trained where the run has none (``fine_tuned``:
+    the first, already trained by the caller), else only the existing files are used."""
     device = next(backbone.parameters()).device
     lasts = [(FULL, backbone, 0.0, "backbone.pt")]
-    first_name, first_path, first_mask = min(fine_tuned_subsets(cfg.run_dir), key=lambda s: cost.mask_flops(s[2]).item())
-    files = {FULL_FT: "full", f"full backbone, focused on {first_name}": f"full_focused_on_{first_name}"}
+    first = first_stage(cfg.run_dir, cost)
+    files = {FULL_FT: "full", f"full backbone, focused on {first[0]}": f"full_focused_on_{first[0]}"}
     for label, name in files.items():
         path = cfg.run_dir / "baselines" / f"{name}.pt"
         file = f"baselines/{name}.pt"
@@ -88,11 +132,7 @@ def last_stages(cfg, backbone, cost, splits, resume: bool, train_missing: bool, 
             lasts.append((label, load_model(path, map_location=device).to(device).eval(), load_checkpoint(path)["train_time_s"],
                           file))
         elif train_missing:
-            focus = None
-            if name != "full":
-                first = load_model(first_path, map_location=device).to(device)
-                focus = lambda model, first=first: focused_loss(model, first, first_mask,  # noqa: E731
-                                                                cfg.finetune.label_smoothing)
+            focus = None if name == "full" else focus_on(cfg, first, device)
             model, seconds = finetuned_on_masks(cfg, backbone, name, None, splits, resume, loss_fn_for=focus)
             lasts.append((label, model.eval(), seconds, file))
     return lasts
@@ -170,9 +210,10 @@ def load_cascade(run_dir: Path, budget: float, device) -> tuple:
     return row, CascadeModel(models, masks, row["thresholds"]), [n["flops_ratio"] for n in chain], load_config(run_dir / "config.yaml")
 
 
-def cascade_study(run_dir: Path, budgets: list[float], max_stages: int = 3, train_last: bool = False) -> dict:
+def cascade_study(run_dir: Path, budgets: list[float], max_stages: int = 3, train_missing: bool = False) -> dict:
     """:func:`cascades_of_run` of a finished run, stored in its ``metrics.json`` (``cascade``);
-    ``train_last``: fine-tune the last stages the run lacks first (:func:`last_stages`)."""
+    ``train_missing``: first fine-tune the focused networks the run lacks (:func:`focused_subsets`,
+    :func:`last_stages`)."""
     if not (run_dir / "config.yaml").exists():
         raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
     if max_stages not in (2, 3):
@@ -186,7 +227,9 @@ def cascade_study(run_dir: Path, budgets: list[float], max_stages: int = 3, trai
     backbone = load_backbone(run_dir, device).eval()
     with owning(run_dir):
         cost = measure_backbone_cost(backbone, image_size_of(splits.test))
-        lasts = last_stages(cfg, backbone, cost, splits, resume=True, train_missing=train_last)
+        if train_missing:
+            focused_subsets(cfg, backbone, cost, splits, resume=True)
+        lasts = last_stages(cfg, backbone, cost, splits, resume=True, train_missing=train_missing)
         result = cascades_of_run(run_dir, lasts, cost, splits, budgets, device, max_stages)
         update_metrics(run_dir, STAGE, result)
     return result
@@ -204,12 +247,18 @@ def print_text(result: dict) -> None:
           f"{'blocks std':>11}{'hard-easy':>10}")
     for r in result["cascades"]:
         s, a = r["static"], r["adaptivity"]
-        single = "-" if s is None else f"{s['single']['name']} {100 * s['single']['accuracy']:.2f}%"
+        single = "-" if s is None else f"{short(s['single']['name'])} {100 * s['single']['accuracy']:.2f}%"
         mixture = "-" if s is None else f"{100 * s['mixture']['accuracy']:.2f}%"
         gain = "" if r["gain_over_static"] is None else f"{100 * r['gain_over_static']:+.2f}"
-        chain = " > ".join(name.replace("subset_", "") for name in r["chain"]).replace("full backbone", "full")
+        chain = " > ".join(short(name) for name in r["chain"])
         print(f"{r['budget']:>7.2f}{chain:>46}{r['sent_on']:>9.3f}{r['flops_ratio']:>7.3f}{100 * r['accuracy']:>7.2f}%"
               f"{single:>25}{mixture:>9}{gain:>7}{a['blocks_used_std']:>11.2f}{a.get('hard_minus_easy_blocks', 0):>10.2f}")
+
+
+def short(name: str) -> str:
+    """A network's name for the table: "k10 focused" for "subset_k10_focused_on_subset_k7"."""
+    name = re.sub(r"_focused_on_\w+|, focused on \w+", " focused", name)
+    return name.replace("subset_", "").replace("full backbone + fine-tuning", "full ft").replace("full backbone", "full")
 
 
 def main() -> None:
@@ -217,10 +266,11 @@ def main() -> None:
     parser.add_argument("--budgets", type=float, nargs="+", default=list(DEFAULT_BUDGETS),
                         help="FLOPs ratios (of the full backbone) to build a cascade for")
     parser.add_argument("--stages", type=int, default=3, help="most networks in a cascade: 2 or 3 (the last is the full backbone)")
-    parser.add_argument("--train-last", action="store_true",
-                        help="first fine-tune the full backbone where the run has no such file yet: plainly (the control) "
-                             "and focused on the images the cheapest subset is unsure of (one fine-tuning budget each)")
-    cli(lambda args: print_report(cascade_study(args.run, args.budgets, args.stages, args.train_last), args.json,
+    parser.add_argument("--train-missing", "--train-last", action="store_true", dest="train_missing",
+                        help="first fine-tune the networks the run has no file of yet: the full backbone plainly (the "
+                             "control), and it and every subset but the cheapest focused on the images the cheapest "
+                             "subset is unsure of (one fine-tuning budget each)")
+    cli(lambda args: print_report(cascade_study(args.run, args.budgets, args.stages, args.train_missing), args.json,
                                   print_text), parser)
 
 

@@ -20,6 +20,8 @@ policy or the gates), read at the FLOPs budgets of ``study.budgets`` (``experime
   from the static networks above at their training budget: the control for whether adaptivity pays;
   its last stage may be the full backbone fine-tuned (that budget again) focused on the images the
   cheapest subset is unsure of (``agents.cascade.focused_loss``), a static network like the others;
+  every other fine-tuned subset is fine-tuned that way too and is a point of the fine-tuned
+  fixed-subset curve (the focus is a better recipe for static networks as well);
 - the **full backbone**, as it is and fine-tuned with the same budget (what the extra epochs
   alone are worth), and the **per-image oracle** among the fixed-subset masks (a bound: how much
   any per-image policy could gain on this backbone).
@@ -53,7 +55,7 @@ from backbone.models.weights import load_checkpoint, save_checkpoint
 from backbone.training import distributed
 from backbone.training.loop import evaluate, predict, resolve_device, stochastic_depth_sampler
 from backbone.training.refit import refit_heads, refit_images
-from experiments.cascade import FULL, FULL_FT, cascades_of_run, last_stages
+from experiments.cascade import FULL, FULL_FT, cascades_of_run, focused_subsets, last_stages
 from experiments.common import cli, config_from_args, experiment_parser, finished_stage, tensorboard_writer, update_metrics
 from experiments.config import ExperimentConfig
 from experiments.finetuned import finetuned_on_masks
@@ -271,6 +273,13 @@ def run_compare(cfg: ExperimentConfig, resume: bool = False, splits: Splits | No
     curves.update(subsets)
     if "cascade" not in leave_out and len(splits.val) and subsets[SUBSET_FT]:
         distributed.barrier()  # rank 0 wrote the fine-tuned subsets' files; every rank reads them
+        for name, model, seconds, mask in focused_subsets(cfg, backbone, cost, splits, resume):
+            # Each subset's better recipe is a point of its own: the curve's envelope takes it.
+            curves[SUBSET_FT].append(point(cost.mask_flops(mask).item() / cost.full_flops,
+                                           fixed_mask_accuracy(model, splits.test, mask), pretrain_time + seconds,
+                                           k=int(mask.sum()), mask=mask_string(mask), focused=name))
+        curves[SUBSET_FT].sort(key=lambda q: q["flops_ratio"])
+        distributed.barrier()
         lasts = last_stages(cfg, backbone, cost, splits, resume, train_missing=True, fine_tuned=fine_tuned)
         curves[CASCADE] = cascade_points(cascades_of_run(run_dir, lasts, cost, splits, cfg.study.budgets, device),
                                          pretrain_time)

@@ -10,6 +10,7 @@ import torch
 
 import torch.nn.functional as F
 
+from backbone.errors import ConfigError
 from agents.cascade import (
     CascadeModel,
     ScoredNetwork,
@@ -199,3 +200,19 @@ def test_cascade_cli_refuses_a_run_without_fine_tuned_subsets(tmp_path):
     done = subprocess.run([sys.executable, "-m", "experiments.cascade", "--run", str(tmp_path), "--budgets", "0.5", "1.5"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "--budgets must be FLOPs ratios in (0, 1]" in done.stderr
+
+
+def test_fine_tuned_subsets_lists_the_focused_copies_with_their_subsets_masks(tmp_path):
+    from experiments.cascade import fine_tuned_subsets
+
+    (tmp_path / "baselines").mkdir()
+    (tmp_path / "ladder.json").write_text('{"masks": ["000", "100", "110", "111"]}')
+    for stem in ("subset_k1", "subset_k2", "subset_k2_focused_on_subset_k1", "subset_kx", "full_focused_on_subset_k1"):
+        (tmp_path / "baselines" / f"{stem}.pt").write_bytes(b"")
+    found = {name: mask.tolist() for name, _, mask in fine_tuned_subsets(tmp_path)}
+    assert found == {"subset_k1": [True, False, False], "subset_k2": [True, True, False],
+                     "subset_k2_focused_on_subset_k1": [True, True, False]}
+    assert [name for name, _, _ in fine_tuned_subsets(tmp_path, focused=False)] == ["subset_k1", "subset_k2"]
+    (tmp_path / "baselines" / "subset_nested_k3.pt").write_bytes(b"")  # its masks are in a file the run lacks
+    with pytest.raises(ConfigError, match="ladder_nested.json is missing"):
+        fine_tuned_subsets(tmp_path)

@@ -56,6 +56,12 @@ def test_every_stage_and_baseline_is_in_the_report(study):
     # cheapest of them is unsure of (a file of the run, as the plainly fine-tuned control is).
     focused = list((run_dir / "baselines").glob("full_focused_on_subset_*.pt"))
     assert (run_dir / "baselines" / "full.pt").exists() and len(focused) == 1
+    # Every other fine-tuned subset is fine-tuned focused too, a point of the fine-tuned subset curve.
+    cheapest = focused[0].stem.removeprefix("full_focused_on_")
+    plain = {p.stem for p in (run_dir / "baselines").glob("subset_k*.pt") if "_focused_on_" not in p.stem}
+    focused_subsets = {p.stem for p in (run_dir / "baselines").glob("subset_*_focused_on_*.pt")}
+    assert cheapest in plain and focused_subsets == {f"{n}_focused_on_{cheapest}" for n in plain - {cheapest}} != set()
+    assert {p["knob"].get("focused") for p in curves["fixed subset + fine-tuning"]} == focused_subsets | {None}
     for c in curves["confidence cascade (fixed subsets, then the full backbone)"]:
         assert c["knob"]["chain"][0].startswith("subset_k")
         assert c["knob"]["chain"][-1] == "full backbone, focused on " + focused[0].stem.removeprefix("full_focused_on_")
