@@ -80,34 +80,31 @@ def first_stage(run_dir: Path, cost) -> tuple[str, Path, torch.Tensor]:
 
 def focus_on(cfg, first: tuple[str, Path, torch.Tensor], device):
     """``loss_fn_for`` of :func:`experiments.finetuned.finetuned_on_masks`: the focused loss on
-    the images ``first`` (:func:`first_stage`) is unsure of."""
+    the images ``first`` (:func:`first_stage`) is unsure of (the judge is loaded only for a
+    network that is trained, not for one loaded from its file)."""
     _, path, mask = first
-    model = load_model(path, map_location=device).to(device)
-    return lambda trained: focused_loss(trained, model, mask, cfg.finetune.label_smoothing)
+    return lambda trained: focused_loss(trained, load_model(path, map_location=device).to(device), mask,
+                                        cfg.finetune.label_smoothing)
 
 
-def focused_subsets(cfg, backbone, cost, splits, resume: bool, train_missing: bool = True) -> list[tuple]:
+def focused_subsets(cfg, backbone, cost, splits, resume: bool) -> list[tuple]:
     """(name, model, fine-tuning seconds, keep mask) of every plainly fine-tuned subset but the
     first stage, fine-tuned again from ``backbone`` with the same budget and mask but
-    :func:`agents.cascade.focused_loss` (``baselines/<subset>_focused_on_<first>.pt``).
-    Why: the focus is a better recipe for static subsets too (docs/results.md), so without these
-    the cascades' focused stages would be scored against weaker static networks. Without
-    ``train_missing`` only the files the run has are loaded."""
+    :func:`agents.cascade.focused_loss` (``baselines/<subset>_focused_on_<first>.pt``; with
+    ``resume`` the files the run has are loaded). Why: the focus is a better recipe for static
+    subsets too (docs/results.md), so without these the cascades' focused stages would be scored
+    against weaker static networks."""
     device = next(backbone.parameters()).device
     first = first_stage(cfg.run_dir, cost)
-    focus, found = None, []
-    for name, path, mask in fine_tuned_subsets(cfg.run_dir, focused=False):
+    focus, found = focus_on(cfg, first, device), []
+    for name, _, mask in fine_tuned_subsets(cfg.run_dir, focused=False):
         if name == first[0]:
             continue
-        focused = f"{name}_focused_on_{first[0]}"
-        if not train_missing and not (cfg.run_dir / "baselines" / f"{focused}.pt").exists():
-            continue
-        focus = focus or focus_on(cfg, first, device)
         fixed = mask.to(device)
-        model, seconds = finetuned_on_masks(cfg, backbone, focused,
+        model, seconds = finetuned_on_masks(cfg, backbone, f"{name}_focused_on_{first[0]}",
                                             lambda images, *_, fixed=fixed: fixed.expand(images.shape[0], -1), splits,
-                                            resume or not train_missing, loss_fn_for=focus)
-        found.append((focused, model.eval(), seconds, mask))
+                                            resume, loss_fn_for=focus)
+        found.append((f"{name}_focused_on_{first[0]}", model.eval(), seconds, mask))
     return found
 
 
