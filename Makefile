@@ -14,10 +14,11 @@ PYTEST_ARGS ?=
 $(VENV)/.installed: setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# --no-compile: Python compiles the modules a run imports on first use; byte-compiling all of
-	# torch up front cost ~10 s of the demo's install (47 vs 58 s here).
-	$(PY) -m pip install --quiet --no-compile $(TORCH)
-	$(PY) -m pip install --quiet --no-compile -e '.[test]'
+	# Byte-compiled at install (no --no-compile, which would save ~10 s here): where
+	# PYTHONDONTWRITEBYTECODE is set, as on CI, every process would compile torch from source
+	# again (CI run 37 with it: 1,220 s instead of ~700, its subprocess tests 2-2.5x slower).
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
 demo: $(VENV)/.installed
