@@ -6,7 +6,7 @@ a small network, the full backbone as the last one: fine-tuned with the run's bu
 the images the cheapest subset is unsure of (``baselines/full_focused_on_<subset>.pt``,
 :func:`agents.cascade.focused_loss`), or where the run has none, fine-tuned plainly
 (``baselines/full.pt``, the comparison's "full backbone + fine-tuning") or as it is. Every other
-subset is there fine-tuned both ways too (``baselines/<subset>_focused_on_<subset>.pt``): the
+subset is there fine-tuned both ways too (``baselines/<subset>_focused_on_<first>.pt``): the
 focus is a better recipe for static networks as well, so the envelope holds both.
 ``--train-missing`` trains the focused networks a run lacks first; ``experiments.compare`` always
 does. For every
