@@ -100,11 +100,11 @@ def focused_subsets(cfg, backbone, cost, splits, resume: bool) -> list[tuple]:
     for name, _, mask in fine_tuned_subsets(cfg.run_dir, focused=False):
         if name == first[0]:
             continue
-        fixed = mask.to(device)
-        model, seconds = finetuned_on_masks(cfg, backbone, f"{name}_focused_on_{first[0]}",
+        fixed, focused = mask.to(device), f"{name}_focused_on_{first[0]}"
+        model, seconds = finetuned_on_masks(cfg, backbone, focused,
                                             lambda images, *_, fixed=fixed: fixed.expand(images.shape[0], -1), splits,
                                             resume, loss_fn_for=focus)
-        found.append((f"{name}_focused_on_{first[0]}", model.eval(), seconds, mask))
+        found.append((focused, model.eval(), seconds, mask))
     return found
 
 
