@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from agents.adaptivity import adaptivity
+from backbone.models.masked import FixedSubset
 
 
 @dataclass
@@ -221,8 +222,9 @@ def static_envelope_at(networks: list[ScoredNetwork], labels: torch.Tensor, flop
 class CascadeModel(torch.nn.Module):
     """A cascade as one deployable model: ``forward(images)`` gives each image the logits of the
     stage that answered it. ``networks``: skippable backbones, cheapest first, each run with its
-    keep mask of ``masks`` (all blocks where the mask is all ones); ``thresholds``: one per stage
-    but the last. A stage runs only on the rows still unanswered, gathered into one batch."""
+    keep mask of ``masks`` (all blocks where the mask is all ones) as the plain shorter network it
+    is (``backbone.models.masked.FixedSubset``); ``thresholds``: one per stage but the last. A stage
+    runs only on the rows still unanswered, gathered into one batch."""
 
     def __init__(self, networks: list[torch.nn.Module], masks: list[torch.Tensor], thresholds: list[float]):
         super().__init__()
@@ -231,17 +233,19 @@ class CascadeModel(torch.nn.Module):
                              f"{len(networks)}, {len(masks)}, {len(thresholds)}")
         self.networks = torch.nn.ModuleList(networks)
         self.masks = [m.bool().cpu() for m in masks]
-        self.every_block = [bool(m.all()) for m in self.masks]  # such a stage runs its plain forward
+        # A stage with every block runs its plain forward; the others their fixed plan.
+        self.stages = [net if bool(m.all()) else FixedSubset(net, m) for net, m in zip(networks, self.masks)]
         self.thresholds = list(thresholds)
 
     def stage_logits(self, i: int, images: torch.Tensor) -> torch.Tensor:
-        if self.every_block[i]:
-            return self.networks[i](images)
-        return self.networks[i](images, self.masks[i].to(images.device).expand(images.shape[0], -1))
+        return self.stages[i](images)
 
     @torch.no_grad()
     def answer(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits, the stage that answered) per image."""
+        if images.shape[0] == 1:
+            logits, i = self.answer_one(images)
+            return logits, torch.full((1,), i, dtype=torch.long, device=images.device)
         logits = self.stage_logits(0, images)
         stage = torch.zeros(images.shape[0], dtype=torch.long, device=images.device)
         rows = None  # the rows still unanswered; None: all of them
@@ -250,8 +254,7 @@ class CascadeModel(torch.nn.Module):
             going_on = int(unsure.sum())  # one host sync per stage
             if going_on == 0:
                 break
-            if rows is None and going_on == len(unsure):
-                # Every image goes on (at batch 1, the only other case): no gather, no scatter.
+            if rows is None and going_on == len(unsure):  # every image goes on: no gather, no scatter
                 logits, stage = self.stage_logits(i, images), torch.full_like(stage, i)
                 continue
             rows = (torch.arange(len(unsure), device=images.device) if rows is None else rows)[unsure]
@@ -259,8 +262,20 @@ class CascadeModel(torch.nn.Module):
             stage[rows] = i
         return logits, stage
 
+    @torch.no_grad()
+    def answer_one(self, image: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """(logits, the stage that answered) of a batch of one image, as a stream is served: per
+        stage one confidence read to the host and nothing else (at batch 1 every small operator's
+        fixed cost shows; docs/results.md, session 12)."""
+        last = len(self.stages) - 1
+        for i in range(last):
+            logits = self.stage_logits(i, image)
+            if confidence(logits).item() >= self.thresholds[i]:
+                return logits, i
+        return self.stage_logits(last, image), last
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.answer(images)[0]
+        return self.answer_one(images)[0] if images.shape[0] == 1 else self.answer(images)[0]
 
 
 def cascade_latency(cascade: CascadeModel, full: torch.nn.Module, images: torch.Tensor, flops_ratios: list[float],

@@ -212,6 +212,49 @@ def test_shared_mask_runs_as_a_plain_shorter_network(monkeypatch):
         model(x, mixed)  # rows disagree on block 1: that block (only) needs the gather
 
 
+@pytest.mark.parametrize("family", ["cifar A", "cifar B", "torchvision", "path heads"])
+def test_a_fixed_subset_equals_the_masked_forward_without_its_host_work(family, monkeypatch):
+    """FixedSubset (a cascade's static stage) is the masked forward with one mask for every row,
+    in eval and training mode, gradients included, but never validates a mask or decides per
+    block at call time."""
+    import backbone.models.masked as masked
+    from backbone.models.masked import FixedSubset
+    from backbone.models.torchvision_resnet import build_torchvision_resnet
+
+    torch.manual_seed(0)
+    if family == "torchvision":
+        model = build_torchvision_resnet("resnet18", num_classes=5)
+        mask, size = torch.tensor([1, 0, 0, 1, 1, 0, 0, 1], dtype=torch.bool), 64
+    else:
+        model = _random_bn(build_resnet(14, num_classes=5, width=4, shortcut="B" if family == "cifar B" else "A"))
+        mask, size = torch.tensor([1, 0, 1, 0, 0, 1], dtype=torch.bool), 32  # blocks 3 (downsampling) and 4 skipped
+        if family == "path heads":
+            model.attach_path_heads(torch.stack([mask, torch.ones(6, dtype=torch.bool)]))
+            model.path_heads.bias.data[0] += torch.arange(5.0)  # the mask's own head differs from the shared one
+    with pytest.raises(ValueError, match="keep_mask must have shape"):
+        FixedSubset(model, mask[:-1])
+    subset = FixedSubset(model.eval(), mask.to(torch.uint8))
+    for batch in (1, 3):
+        x = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
+        with torch.no_grad():
+            torch.testing.assert_close(subset(x.clone()), model(x, mask.expand(batch, -1)))
+    model.train()
+    x = torch.rand(4, 3, size, size)
+    expected = model(x, mask.expand(4, -1))
+    expected.square().sum().backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    monkeypatch.setattr(masked, "check_keep_mask", lambda *a: pytest.fail("a fixed subset checks its mask once"))
+    got = subset(x)
+    got.square().sum().backward()
+    torch.testing.assert_close(got, expected)
+    assert grads.keys() == {name for name, p in model.named_parameters() if p.grad is not None}
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, grads[name])
+    assert all(p.grad is None for p in model.blocks[1].parameters())  # a skipped block is not run
+
+
 @pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
 def test_masked_blocks_keep_the_memory_format(layout):
     from backbone.models.masked import memory_format_of, run_block_masked

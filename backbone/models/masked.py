@@ -261,3 +261,34 @@ def check_keep_mask(keep_mask: torch.Tensor, batch: int, num_blocks: int) -> tor
             raise ValueError("keep_mask must contain only 0/1 (or bool) values")
         mask = mask != 0
     return mask
+
+
+class FixedSubset(nn.Module):
+    """A skippable backbone run with one keep mask for every image: the plain shorter network it
+    is (the stem, the kept blocks in order, a skipped downsampling block's shortcut, the head).
+
+    ``model(x, mask.expand(len(x), -1))`` computes the same, but validates the mask and decides
+    per block on the host at every call; at batch 1 that host work is ~5% of a ResNet-32 subset's
+    time (docs/results.md, session 12). Here the plan is fixed once, so a cascade's static stages
+    (``agents.cascade.CascadeModel``) pay only for their blocks. Training mode and autograd run
+    the same way; a model with path heads classifies through its path's head.
+    """
+
+    def __init__(self, model: nn.Module, mask: torch.Tensor):
+        super().__init__()
+        mask = check_keep_mask(mask.reshape(1, -1), 1, model.num_blocks)[0]
+        self.model = model
+        self.mask = mask  # bool, CPU
+        self.kept = mask.tolist()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        model = self.model
+        x = model.stem(x)
+        for block, kept in zip(model.blocks, self.kept):
+            if kept:
+                x = model._call_block(block, x)
+            elif block.downsamples:
+                x = block.skip(x)
+        if model.path_heads is None:
+            return model.head(x)
+        return model.classify(x, self.mask.to(x.device).expand(x.shape[0], -1))
