@@ -198,6 +198,23 @@ def cascade_for_budget(smalls: list[ScoredNetwork], large: ScoredNetwork, budget
     return {"budget": budget, "held_out_accuracy": score, **run_cascade(chain, thresholds, labels, groups, group_names)}
 
 
+def gain_standard_error(correct: torch.Tensor, static: dict, networks: dict[str, ScoredNetwork],
+                        labels: torch.Tensor) -> float:
+    """The standard error of a cascade's gain over the static envelope (:func:`static_envelope_at`'s
+    ``static``), paired over the test images. ``correct``: the cascade's per-image correctness;
+    ``networks``: the scored networks by name. The envelope's mixture answers image i right with
+    probability (1 − w)·[A right on i] + w·[B right on i], so the gain is the mean of per-image
+    differences d_i and its standard error std(d)/√n: the same images score both sides, which
+    makes it several times tighter than the ~0.3 points of two independent accuracies on 10,000
+    images (docs/results.md, session 12)."""
+    mixture = static["mixture"]
+    right = [(networks[name].test[1] == labels).double() for name in mixture["of"]]
+    w = mixture.get("share_of_larger", 0.0)
+    expected = right[0] if len(right) == 1 else (1 - w) * right[0] + w * right[1]
+    differences = correct.double() - expected
+    return (differences.std() / len(differences) ** 0.5).item()
+
+
 def static_envelope_at(networks: list[ScoredNetwork], labels: torch.Tensor, flops_ratio: float) -> dict | None:
     """What static networks reach at ``flops_ratio`` without looking at the images: the best
     single network of at most that cost (``single``), and the best random mixture of two (each

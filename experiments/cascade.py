@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 
 from agents.adaptivity import difficulty_groups
-from agents.cascade import CascadeModel, ScoredNetwork, cascade_for_budget, focused_loss, static_envelope_at
+from agents.cascade import (CascadeModel, ScoredNetwork, cascade_decisions, cascade_for_budget, focused_loss,
+                            gain_standard_error, static_envelope_at)
 from backbone.baselines import mask_string
 from backbone.data.datasets import load_splits
 from backbone.data.streaming import image_size_of
@@ -165,6 +166,7 @@ def cascades_of_run(run_dir: Path, lasts: list[tuple], cost, splits, budgets: li
         files[name] = f"baselines/{path.name}"
     groups, names, how = difficulty_groups(backbone, splits.test)
     val_labels, labels = splits.val.labels.cpu(), splits.test.labels.cpu()
+    by_name = {n.name: n for n in [*smalls, *larges]}
     rows = []
     for budget in budgets:
         cascade = cascade_for_budget(smalls, larges[-1], budget, val_labels, labels, groups, names, max_stages)
@@ -172,8 +174,10 @@ def cascades_of_run(run_dir: Path, lasts: list[tuple], cost, splits, budgets: li
             continue
         static = static_envelope_at([*smalls, *larges], labels, cascade["flops_ratio"])
         tuned = sum(train_time.get(name) or 0.0 for name in cascade["chain"])  # the full backbone's is every method's
+        correct = cascade_decisions([by_name[name] for name in cascade["chain"]], cascade["thresholds"])[0] == labels
         rows.append({**cascade, "fine_tuning_time_s": tuned, "static": static,
                      "gain_over_static": None if static is None else cascade["accuracy"] - static["mixture"]["accuracy"],
+                     "gain_standard_error": None if static is None else gain_standard_error(correct, static, by_name, labels),
                      "gain_over_single": None if static is None else cascade["accuracy"] - static["single"]["accuracy"]})
     networks = [{"name": n.name, "mask": mask_string(n.mask), "flops_ratio": n.flops_ratio, "file": files[n.name],
                  "accuracy": (n.test_logits.argmax(1) == labels).double().mean().item()} for n in [*smalls, *larges]]
@@ -239,17 +243,19 @@ def print_text(result: dict) -> None:
     print(f"cascades into the full backbone, as it is or fine-tuned (plainly, or focused on the images the cheapest "
           f"subset is unsure of); networks and thresholds chosen on {result['held_out_images']} held-out images; "
           f"static: the best single network of at most the cascade's FLOPs, and the best random mixture of two at "
-          f"equal FLOPs (the gain is over the mixture):")
-    print(f"{'budget':>7}{'networks':>46}{'sent on':>9}{'FLOPs':>7}{'top-1':>8}{'single':>25}{'mixture':>9}{'gain':>7}"
+          f"equal FLOPs (the gain is over the mixture, with its standard error paired over the test images):")
+    print(f"{'budget':>7}{'networks':>46}{'sent on':>9}{'FLOPs':>7}{'top-1':>8}{'single':>25}{'mixture':>9}{'gain ± s.e.':>14}"
           f"{'blocks std':>11}{'hard-easy':>10}")
     for r in result["cascades"]:
         s, a = r["static"], r["adaptivity"]
         single = "-" if s is None else f"{short(s['single']['name'])} {100 * s['single']['accuracy']:.2f}%"
         mixture = "-" if s is None else f"{100 * s['mixture']['accuracy']:.2f}%"
         gain = "" if r["gain_over_static"] is None else f"{100 * r['gain_over_static']:+.2f}"
+        if r.get("gain_standard_error") is not None:  # absent in metrics written before session 12
+            gain += f" ± {100 * r['gain_standard_error']:.2f}"
         chain = " > ".join(short(name) for name in r["chain"])
         print(f"{r['budget']:>7.2f}{chain:>46}{r['sent_on']:>9.3f}{r['flops_ratio']:>7.3f}{100 * r['accuracy']:>7.2f}%"
-              f"{single:>25}{mixture:>9}{gain:>7}{a['blocks_used_std']:>11.2f}{a.get('hard_minus_easy_blocks', 0):>10.2f}")
+              f"{single:>25}{mixture:>9}{gain:>14}{a['blocks_used_std']:>11.2f}{a.get('hard_minus_easy_blocks', 0):>10.2f}")
 
 
 def short(name: str) -> str:

@@ -18,6 +18,7 @@ from agents.cascade import (
     cascade_latency,
     cascade_for_budget,
     focused_loss,
+    gain_standard_error,
     run_cascade,
     static_envelope_at,
     threshold_for_share,
@@ -102,6 +103,31 @@ def test_the_small_network_and_threshold_are_chosen_on_held_out_images_only():
     chosen = cascade_for_budget([a, b], large, 0.3, labels, labels)
     assert chosen["small"] == "a" and chosen["held_out_accuracy"] == 1.0 and chosen["accuracy"] == 0.0
     assert cascade_for_budget([a, b], large, 0.2, labels, labels) is None  # no small network fits
+
+
+def test_the_gains_standard_error_is_paired_over_the_test_images():
+    torch.manual_seed(2)
+    labels = torch.randint(0, 4, (400,))
+    right_a, right_b = torch.rand(400) < 0.7, torch.rand(400) < 0.9
+    a = network("a", 0.4, 1, logits_for(labels, right_a, right_a), logits_for(labels, right_a, right_a))
+    b = network("b", 1.0, 4, logits_for(labels, right_b, right_b), logits_for(labels, right_b, right_b))
+    static = static_envelope_at([a, b], labels, 0.7)
+    w = static["mixture"]["share_of_larger"]
+    assert static["mixture"]["of"] == ["a", "b"] and w == pytest.approx(0.5)
+    # A cascade that is right where b is, and on 20 more images: its gain and the spread of the
+    # per-image differences from the mixture's expected correctness.
+    correct = right_b.clone()
+    correct[(~right_b).nonzero()[:20, 0]] = True
+    d = correct.double() - (0.5 * right_a.double() + 0.5 * right_b.double())
+    se = gain_standard_error(correct, static, {"a": a, "b": b}, labels)
+    assert d.mean().item() == pytest.approx(correct.double().mean().item() - static["mixture"]["accuracy"])
+    assert se == pytest.approx(d.std().item() / 20)
+    # Paired: below the error of two independent accuracies on 400 images each.
+    p, q = correct.double().mean().item(), static["mixture"]["accuracy"]
+    assert se < 0.7 * ((p * (1 - p) + q * (1 - q)) / 400) ** 0.5
+    # A single network as the envelope (nothing cheaper to mix with): the difference from it alone.
+    only_b = {"mixture": {"accuracy": 0.9, "of": ["b"]}}
+    assert gain_standard_error(right_b, only_b, {"b": b}, labels) == 0.0
 
 
 class FixedFirstStage(torch.nn.Module):

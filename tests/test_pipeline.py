@@ -227,6 +227,7 @@ def test_cascade_cli_scores_cascades_of_the_comparisons_own_networks(study):
         assert c["static"]["single"]["flops_ratio"] <= c["flops_ratio"] + 1e-9
         assert c["static"]["mixture"]["accuracy"] >= c["static"]["single"]["accuracy"]
         assert c["gain_over_static"] == pytest.approx(c["accuracy"] - c["static"]["mixture"]["accuracy"])
+        assert 0 <= c["gain_standard_error"] < 0.1  # paired over the 120 test images
         assert sum(c["adaptivity"]["blocks_histogram"]) == 120
     assert json.loads((work / "runs" / "tiny" / "metrics.json").read_text())["cascade"]["cascades"] == out["cascades"]
 
