@@ -8,8 +8,9 @@ the images the cheapest subset is unsure of (``baselines/full_focused_on_<subset
 (``baselines/full.pt``, the comparison's "full backbone + fine-tuning") or as it is. Every other
 subset is there fine-tuned both ways too (``baselines/<subset>_focused_on_<first>.pt``): the
 focus is a better recipe for static networks as well, so the envelope holds both.
-``--train-missing`` trains the focused networks a run lacks first; ``experiments.compare`` always
-does. For every
+``--train-missing`` first trains the focused networks a run lacks, and the ladder's subsets that
+bracket a budget but were never fine-tuned (the comparison fine-tunes those around its study
+budgets only); ``experiments.compare`` always trains the focused ones. For every
 FLOPs budget the chain and its thresholds are chosen on the held-out split, then the cascade is
 scored on the test split beside what static networks reach at its FLOPs (every network above,
 all three full backbones included, counts as one): the best single one of at most that
@@ -41,6 +42,7 @@ from backbone.models.weights import load_checkpoint, load_model
 from backbone.training.loop import predict, resolve_device
 from experiments.common import cli, owning, print_report, report_parser, update_metrics
 from experiments.config import load_config
+from experiments.curves import bracketing
 from experiments.finetuned import finetuned_on_masks
 from experiments.pretrain import load_backbone
 
@@ -71,6 +73,34 @@ def fine_tuned_subsets(run_dir: Path, focused: bool = True) -> list[tuple[str, P
         raise ConfigError(f"{run_dir / 'baselines'} holds no fine-tuned fixed subsets: run experiments.compare first "
                           f"(with fixed_subsets in the study)")
     return found
+
+
+def missing_envelope_subsets(run_dir: Path, cost, flops_ratios: list[float]) -> list[tuple[str, torch.Tensor]]:
+    """(name, keep mask) of the subsets of the run's ladder (``ladder.json``) that bracket any of
+    ``flops_ratios`` and have no fine-tuned file (by mask: a nested rung with the same blocks
+    counts). The comparison fine-tunes the subsets around its study budgets only; a cascade
+    scored at another budget would otherwise meet a static envelope that mixes distant networks,
+    a weaker bound than the fine-tuned subsets of its size (ResNet-20 at 0.60-0.80 before session 12)."""
+    path = run_dir / LADDERS["subset_k"]
+    if not path.exists():
+        return []
+    masks = [torch.tensor([c == "1" for c in bits]) for bits in json.loads(path.read_text())["masks"]]
+    ratios = [cost.mask_flops(m).item() / cost.full_flops for m in masks]
+    have = {mask_string(mask) for _, _, mask in fine_tuned_subsets(run_dir, focused=False)}
+    # Neither the empty rung nor the full one: the full backbone is fine-tuned as a last stage.
+    wanted = set().union(*(bracketing(ratios, f) for f in flops_ratios)) - {0, len(masks) - 1}
+    return [(f"subset_k{k}", masks[k]) for k in sorted(wanted) if mask_string(masks[k]) not in have]
+
+
+def envelope_subsets(cfg, backbone, cost, splits, budgets: list[float]) -> None:
+    """Fine-tune (plainly, the comparison's recipe) the subsets :func:`missing_envelope_subsets`
+    names for ``budgets``, so the static envelope holds a fine-tuned subset on each side of every
+    cascade; :func:`focused_subsets` then gives each its focused copy."""
+    device = next(backbone.parameters()).device
+    for name, mask in missing_envelope_subsets(cfg.run_dir, cost, budgets):
+        fixed = mask.to(device)
+        finetuned_on_masks(cfg, backbone, name, lambda images, *_, fixed=fixed: fixed.expand(images.shape[0], -1), splits,
+                           resume=True)
 
 
 def first_stage(run_dir: Path, cost) -> tuple[str, Path, torch.Tensor]:
@@ -178,7 +208,8 @@ def cascades_of_run(run_dir: Path, lasts: list[tuple], cost, splits, budgets: li
         rows.append({**cascade, "fine_tuning_time_s": tuned, "static": static,
                      "gain_over_static": None if static is None else cascade["accuracy"] - static["mixture"]["accuracy"],
                      "gain_standard_error": None if static is None else gain_standard_error(correct, static, by_name, labels),
-                     "gain_over_single": None if static is None else cascade["accuracy"] - static["single"]["accuracy"]})
+                     "gain_over_single": None if static is None else cascade["accuracy"] - static["single"]["accuracy"],
+                     "envelope_lacks": [name for name, _ in missing_envelope_subsets(run_dir, cost, [cascade["flops_ratio"]])]})
     networks = [{"name": n.name, "mask": mask_string(n.mask), "flops_ratio": n.flops_ratio, "file": files[n.name],
                  "accuracy": (n.test_logits.argmax(1) == labels).double().mean().item()} for n in [*smalls, *larges]]
     return {"networks": networks, "cascades": rows, "difficulty_groups": how,
@@ -229,6 +260,7 @@ def cascade_study(run_dir: Path, budgets: list[float], max_stages: int = 3, trai
     with owning(run_dir):
         cost = measure_backbone_cost(backbone, image_size_of(splits.test))
         if train_missing:
+            envelope_subsets(cfg, backbone, cost, splits, budgets)
             focused_subsets(cfg, backbone, cost, splits, resume=True)
         lasts = last_stages(cfg, backbone, cost, splits, resume=True, train_missing=train_missing)
         result = cascades_of_run(run_dir, lasts, cost, splits, budgets, device, max_stages)
@@ -256,6 +288,10 @@ def print_text(result: dict) -> None:
         chain = " > ".join(short(name) for name in r["chain"])
         print(f"{r['budget']:>7.2f}{chain:>46}{r['sent_on']:>9.3f}{r['flops_ratio']:>7.3f}{100 * r['accuracy']:>7.2f}%"
               f"{single:>25}{mixture:>9}{gain:>14}{a['blocks_used_std']:>11.2f}{a.get('hard_minus_easy_blocks', 0):>10.2f}")
+    for r in result["cascades"]:
+        if r.get("envelope_lacks"):
+            print(f"note: at {r['flops_ratio']:.3f} of the FLOPs the static envelope lacks the fine-tuned "
+                  f"{', '.join(r['envelope_lacks'])} (a weaker bound; --train-missing fine-tunes them)")
 
 
 def short(name: str) -> str:
@@ -270,9 +306,9 @@ def main() -> None:
                         help="FLOPs ratios (of the full backbone) to build a cascade for")
     parser.add_argument("--stages", type=int, default=3, help="most networks in a cascade: 2 or 3 (the last is the full backbone)")
     parser.add_argument("--train-missing", "--train-last", action="store_true", dest="train_missing",
-                        help="first fine-tune the networks the run has no file of yet: the full backbone plainly (the "
-                             "control), and it and every subset but the cheapest focused on the images the cheapest "
-                             "subset is unsure of (one fine-tuning budget each)")
+                        help="first fine-tune the networks the run has no file of yet: the ladder's subsets on each side "
+                             "of every budget, the full backbone plainly (the control), and it and every subset but the "
+                             "cheapest focused on the images the cheapest subset is unsure of (one fine-tuning budget each)")
     cli(lambda args: print_report(cascade_study(args.run, args.budgets, args.stages, args.train_missing), args.json,
                                   print_text), parser)
 

@@ -59,7 +59,7 @@ from experiments.cascade import FULL, FULL_FT, cascades_of_run, focused_subsets,
 from experiments.common import cli, config_from_args, experiment_parser, finished_stage, tensorboard_writer, update_metrics
 from experiments.config import ExperimentConfig
 from experiments.finetuned import finetuned_on_masks
-from experiments.curves import accuracy_at, headline, point
+from experiments.curves import accuracy_at, bracketing, headline, point
 from experiments.pretrain import backbone_path, load_backbone
 from experiments.static_networks import static_description, static_networks, static_recipe
 from experiments.train_policy import run_ladder
@@ -92,18 +92,6 @@ def policy_points(metrics: dict) -> dict[str, list[dict]]:
             curves[RL_FT].append(point(v["test"]["flops_ratio"], v["test"]["accuracy"],
                                        pretrain + p["train_time_s"] + v["train_time_s"], **extra))
     return {k: sorted(v, key=lambda q: q["flops_ratio"]) for k, v in curves.items() if v}
-
-
-def bracketing(flops_ratios: list[float], budget: float) -> set[int]:
-    """Indices of the cheapest point at or above ``budget`` and the dearest one at or below it."""
-    below = [i for i, f in enumerate(flops_ratios) if f <= budget]
-    above = [i for i, f in enumerate(flops_ratios) if f >= budget]
-    picked = set()
-    if below:
-        picked.add(max(below, key=lambda i: flops_ratios[i]))
-    if above:
-        picked.add(min(above, key=lambda i: flops_ratios[i]))
-    return picked
 
 
 def fixed_subsets(cfg, backbone, cost, splits, pretrain_time, resume) -> tuple[dict, dict]:

@@ -86,3 +86,15 @@ def seed_summary(headlines: list[list[dict]]) -> list[dict]:
         rows.append({"budget": budget, "methods": stats,
                      "winner": max(stats, key=lambda m: stats[m]["mean"]) if stats else None})
     return rows
+
+
+def bracketing(flops_ratios: list[float], budget: float) -> set[int]:
+    """Indices of the cheapest point at or above ``budget`` and the dearest one at or below it."""
+    below = [i for i, f in enumerate(flops_ratios) if f <= budget]
+    above = [i for i, f in enumerate(flops_ratios) if f >= budget]
+    picked = set()
+    if below:
+        picked.add(max(below, key=lambda i: flops_ratios[i]))
+    if above:
+        picked.add(min(above, key=lambda i: flops_ratios[i]))
+    return picked
