@@ -249,3 +249,28 @@ def test_fine_tuned_subsets_lists_the_focused_copies_with_their_subsets_masks(tm
     (tmp_path / "baselines" / "subset_nested_k3.pt").write_bytes(b"")  # its masks are in a file the run lacks
     with pytest.raises(ConfigError, match="ladder_nested.json is missing"):
         fine_tuned_subsets(tmp_path)
+
+
+def test_the_envelope_names_the_bracketing_subsets_the_run_never_fine_tuned(tmp_path):
+    from experiments.cascade import missing_envelope_subsets
+
+    class Cost:  # each block a fifth of the FLOPs
+        full_flops = 5.0
+
+        @staticmethod
+        def mask_flops(mask):
+            return mask.double().sum()
+
+    (tmp_path / "baselines").mkdir()
+    (tmp_path / "ladder.json").write_text('{"masks": ["00000", "10000", "10100", "10110", "11110", "11111"]}')
+    (tmp_path / "ladder_nested.json").write_text('{"masks": ["00000", "01000", "10110", "11110", "11111", "11111"]}')
+    for stem in ("subset_k1", "subset_nested_k2"):  # the nested rung k2 has the blocks of k3
+        (tmp_path / "baselines" / f"{stem}.pt").write_bytes(b"")
+    names = lambda ratios: [name for name, _ in missing_envelope_subsets(tmp_path, Cost, ratios)]  # noqa: E731
+    assert names([0.2]) == []  # k1 itself
+    assert names([0.5]) == ["subset_k2"]  # between k2 (0.4) and k3 (0.6, fine-tuned as the nested rung)
+    assert names([0.7, 0.3]) == ["subset_k2", "subset_k4"]  # k4 below 0.7 and the full network above it
+    mask = missing_envelope_subsets(tmp_path, Cost, [0.7])[0][1]
+    assert mask.tolist() == [True, True, True, True, False]
+    (tmp_path / "ladder.json").unlink()  # a run without a searched ladder: nothing to name
+    assert names([0.5]) == []

@@ -232,6 +232,29 @@ def test_cascade_cli_scores_cascades_of_the_comparisons_own_networks(study):
     assert json.loads((work / "runs" / "tiny" / "metrics.json").read_text())["cascade"]["cascades"] == out["cascades"]
 
 
+def test_cascade_cli_fine_tunes_the_subsets_its_envelope_lacks(study, tmp_path):
+    import shutil
+
+    work, _ = study
+    run_dir = tmp_path / "runs" / "tiny"
+    shutil.copytree(work / "runs" / "tiny", run_dir)
+    plain = sorted((p for p in (run_dir / "baselines").glob("subset_k*.pt") if "focused" not in p.stem),
+                   key=lambda p: int(p.stem.removeprefix("subset_k")))
+    dearest = plain[-1].stem  # not the first stage, whose unsure images the focused networks learn
+    (run_dir / "baselines" / f"{dearest}.pt").unlink()
+    shutil.rmtree(run_dir / "baselines" / f"checkpoints_{dearest}")
+    scored = run("--run", "runs/tiny", "--budgets", "0.6", cwd=tmp_path, module="experiments.cascade")
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    assert f"the static envelope lacks the fine-tuned {dearest}" in scored.stdout
+    trained = run("--run", "runs/tiny", "--budgets", "0.6", "--train-missing", "--json", cwd=tmp_path,
+                  module="experiments.cascade")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert (run_dir / "baselines" / f"{dearest}.pt").exists()
+    rows = json.loads(trained.stdout)["cascades"]
+    assert rows and all(r["envelope_lacks"] == [] for r in rows)
+    assert dearest in {n["name"] for n in json.loads(trained.stdout)["networks"]}
+
+
 def test_difficulty_probe_cli(study):
     work, _ = study
     result = run("--run", "runs/tiny", "--json", cwd=work, module="experiments.probe")

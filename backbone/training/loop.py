@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -243,7 +244,8 @@ def train(
                 history.append(record)
                 if ctx.is_main:
                     _log_epoch(writer, record, step)
-                    tqdm.write(_format_record(desc, record))
+                    # stderr, like the progress bars: stdout carries a command's result (--json)
+                    tqdm.write(_format_record(desc, record), file=sys.stderr)
 
                 accuracy = record.get("val_accuracy", record["train_accuracy"])
                 is_best = accuracy > best_accuracy
