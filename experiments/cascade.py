@@ -166,8 +166,16 @@ def last_stages(cfg, backbone, cost, splits, resume: bool, train_missing: bool, 
     return lasts
 
 
+#: Most networks in a chain by default. With a focused last stage and a dozen subsets, the
+#: held-out choice among three-network chains (on 5,000 images) overfits: the nine times it picked
+#: one in session 12 it lost to the best two-network chain on test, by 0.05-0.55 points of gain
+#: (docs/results.md, "A complete envelope").
+DEFAULT_STAGES = 2
+
+
 @torch.no_grad()
-def cascades_of_run(run_dir: Path, lasts: list[tuple], cost, splits, budgets: list[float], device, max_stages: int = 3) -> dict:
+def cascades_of_run(run_dir: Path, lasts: list[tuple], cost, splits, budgets: list[float], device,
+                    max_stages: int = DEFAULT_STAGES) -> dict:
     """The cascades of the fixed subsets ``run_dir``'s comparison fine-tuned into the last network
     of ``lasts`` (:func:`last_stages`: the one trained for the images it gets, where the run has
     it), at each budget (chain and thresholds chosen on the held-out images), beside the static
@@ -242,7 +250,7 @@ def load_cascade(run_dir: Path, budget: float, device) -> tuple:
     return row, CascadeModel(models, masks, row["thresholds"]), [n["flops_ratio"] for n in chain], load_config(run_dir / "config.yaml")
 
 
-def cascade_study(run_dir: Path, budgets: list[float], max_stages: int = 3, train_missing: bool = False) -> dict:
+def cascade_study(run_dir: Path, budgets: list[float], max_stages: int = DEFAULT_STAGES, train_missing: bool = False) -> dict:
     """:func:`cascades_of_run` of a finished run, stored in its ``metrics.json`` (``cascade``);
     ``train_missing``: first fine-tune the focused networks the run lacks (:func:`focused_subsets`,
     :func:`last_stages`)."""
@@ -304,7 +312,9 @@ def main() -> None:
     parser = report_parser(__doc__.splitlines()[0], "a run directory whose comparison fine-tuned fixed subsets")
     parser.add_argument("--budgets", type=float, nargs="+", default=list(DEFAULT_BUDGETS),
                         help="FLOPs ratios (of the full backbone) to build a cascade for")
-    parser.add_argument("--stages", type=int, default=3, help="most networks in a cascade: 2 or 3 (the last is the full backbone)")
+    parser.add_argument("--stages", type=int, default=DEFAULT_STAGES,
+                        help="most networks in a cascade: 2 (default) or 3 (the last is the full backbone; the held-out "
+                             "choice among three-network chains overfits where a run has many subsets)")
     parser.add_argument("--train-missing", "--train-last", action="store_true", dest="train_missing",
                         help="first fine-tune the networks the run has no file of yet: the ladder's subsets on each side "
                              "of every budget, the full backbone plainly (the control), and it and every subset but the "
