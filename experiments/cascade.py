@@ -43,7 +43,7 @@ from backbone.training.loop import predict, resolve_device
 from experiments.common import cli, owning, print_report, report_parser, update_metrics
 from experiments.config import load_config
 from experiments.curves import bracketing
-from experiments.finetuned import finetuned_on_masks
+from experiments.finetuned import finetuned_on_mask, finetuned_on_masks
 from experiments.pretrain import load_backbone
 
 STAGE = "cascade"
@@ -96,11 +96,8 @@ def envelope_subsets(cfg, backbone, cost, splits, budgets: list[float]) -> None:
     """Fine-tune (plainly, the comparison's recipe) the subsets :func:`missing_envelope_subsets`
     names for ``budgets``, so the static envelope holds a fine-tuned subset on each side of every
     cascade; :func:`focused_subsets` then gives each its focused copy."""
-    device = next(backbone.parameters()).device
     for name, mask in missing_envelope_subsets(cfg.run_dir, cost, budgets):
-        fixed = mask.to(device)
-        finetuned_on_masks(cfg, backbone, name, lambda images, *_, fixed=fixed: fixed.expand(images.shape[0], -1), splits,
-                           resume=True)
+        finetuned_on_mask(cfg, backbone, name, mask, splits, resume=True)
 
 
 def first_stage(run_dir: Path, cost) -> tuple[str, Path, torch.Tensor]:
@@ -131,10 +128,8 @@ def focused_subsets(cfg, backbone, cost, splits, resume: bool) -> list[tuple]:
     for name, _, mask in fine_tuned_subsets(cfg.run_dir, focused=False):
         if name == first[0]:
             continue
-        fixed, focused = mask.to(device), f"{name}_focused_on_{first[0]}"
-        model, seconds = finetuned_on_masks(cfg, backbone, focused,
-                                            lambda images, *_, fixed=fixed: fixed.expand(images.shape[0], -1), splits,
-                                            resume, loss_fn_for=focus)
+        focused = f"{name}_focused_on_{first[0]}"
+        model, seconds = finetuned_on_mask(cfg, backbone, focused, mask, splits, resume, loss_fn_for=focus)
         found.append((focused, model.eval(), seconds, mask))
     return found
 

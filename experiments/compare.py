@@ -58,7 +58,7 @@ from backbone.training.refit import refit_heads, refit_images
 from experiments.cascade import FULL, FULL_FT, cascades_of_run, focused_subsets, last_stages
 from experiments.common import cli, config_from_args, experiment_parser, finished_stage, tensorboard_writer, update_metrics
 from experiments.config import ExperimentConfig
-from experiments.finetuned import finetuned_on_masks
+from experiments.finetuned import finetuned_on_mask, finetuned_on_masks
 from experiments.curves import accuracy_at, bracketing, headline, point
 from experiments.pretrain import backbone_path, load_backbone
 from experiments.static_networks import static_description, static_networks, static_recipe
@@ -120,9 +120,7 @@ def fixed_subsets(cfg, backbone, cost, splits, pretrain_time, resume) -> tuple[d
             if bits in done:  # a rung both ladders share is fine-tuned once
                 continue
             done.add(bits)
-            fixed = mask.to(next(backbone.parameters()).device)
-            model, train_time = finetuned_on_masks(cfg, backbone, f"subset_{prefix}k{k}",
-                                                   lambda images, *_, fixed=fixed: fixed.expand(images.shape[0], -1), splits, resume)
+            model, train_time = finetuned_on_mask(cfg, backbone, f"subset_{prefix}k{k}", mask, splits, resume)
             tuned.append(point(rung_ratios[k], fixed_mask_accuracy(model, splits.test, mask), pretrain_time + train_time,
                                k=k, mask=bits, search=rungs["search"]))
     oracle = oracle_curve(correct, torch.tensor(ladder["flops"]), full)

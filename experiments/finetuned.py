@@ -37,3 +37,11 @@ def finetuned_on_masks(cfg: ExperimentConfig, backbone, name: str, sampler, spli
         train_time += refit_heads(model, refit_images(splits.train, cfg.finetune.refit_heads, cfg.seed), masks_for)
     save_checkpoint(out, model, train_time_s=train_time)
     return model, train_time
+
+
+def finetuned_on_mask(cfg: ExperimentConfig, backbone, name: str, mask: torch.Tensor, splits: Splits, resume: bool,
+                      loss_fn_for=None):
+    """:func:`finetuned_on_masks` with one keep mask for every image: a fixed subset."""
+    fixed = mask.to(next(backbone.parameters()).device)
+    return finetuned_on_masks(cfg, backbone, name, lambda images, *_: fixed.expand(images.shape[0], -1), splits, resume,
+                              loss_fn_for)

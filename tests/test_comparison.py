@@ -1,6 +1,8 @@
 """The comparison's machinery: exhaustive fixed subsets, the oracle, static networks of equal
 FLOPs, and reading curves at matched FLOPs."""
 
+import json
+
 import pytest
 import torch
 
@@ -166,12 +168,14 @@ def test_the_rungs_a_nested_ladder_policy_routes_among_are_fine_tuned_too(monkey
 
     tuned = []
 
-    def finetune(cfg, backbone, name, sampler, splits, resume):
+    def finetune(cfg, backbone, name, sampler, splits, resume, loss_fn_for=None):
         tuned.append((name, compare.mask_string(sampler(torch.zeros(1), None)[0])))
         return backbone, 1.0
 
+    import experiments.finetuned
+
     monkeypatch.setattr(compare, "run_ladder", ladder)
-    monkeypatch.setattr(compare, "finetuned_on_masks", finetune)
+    monkeypatch.setattr(experiments.finetuned, "finetuned_on_masks", finetune)  # under finetuned_on_mask
     curves, _ = compare.fixed_subsets(cfg, model, cost, Splits(data, data, data), 0.0, False)
     ratios = [float(cost.flops_ratio(torch.tensor([[c == "1" for c in m] for m in rows[False]]))[k]) for k in range(4)]
     k_below, k_above = max(k for k in range(4) if ratios[k] <= 0.5), min(k for k in range(4) if ratios[k] >= 0.5)
@@ -184,3 +188,23 @@ def test_the_rungs_a_nested_ladder_policy_routes_among_are_fine_tuned_too(monkey
     assert {p["knob"]["search"] for p in points} == {"exhaustive", "nested"}
     best = max(p["accuracy"] for p in points if p["flops_ratio"] <= 0.5 + 1e-9)
     assert accuracy_at(points, 0.5) >= best
+
+
+def test_seed_summary_gives_mean_and_std_at_each_budget(tmp_path):
+    from experiments.config import load_config
+    from experiments.curves import headline, point
+    from experiments.run import seed_configs, summarize_seeds
+
+    cfg = load_config("quickstart", [f"output_dir={tmp_path}", "study.seeds=[0, 1]"])
+    configs = seed_configs(cfg)
+    assert [c.seed for c in configs] == [0, 1] and [c.run_dir.name for c in configs] == ["seed0", "seed1"]
+    for c, accuracy in zip(configs, (0.8, 0.9)):
+        c.run_dir.mkdir(parents=True)
+        rows = headline({"static ResNet": [point(0.5, accuracy)], "RL policy": [point(0.4, 0.5), point(0.6, 0.7)]}, [0.5])
+        (c.run_dir / "metrics.json").write_text(json.dumps({"compare": {"headline": rows}}))
+    summary = summarize_seeds(cfg, [c.run_dir for c in configs])
+    data = json.loads((summary.parent / "summary.json").read_text())["budgets"][0]
+    assert data["methods"]["static ResNet"]["mean"] == pytest.approx(0.85)
+    assert data["methods"]["static ResNet"]["std"] == pytest.approx(0.0707, abs=1e-4) and data["winner"] == "static ResNet"
+    assert "85.00 ± 7.07" in summary.read_text()
+    assert [c.seed for c in seed_configs(load_config("quickstart", ["seed=7"]))] == [7]
