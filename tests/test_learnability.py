@@ -6,7 +6,8 @@ class-0 evidence, but only for dark images; block 1 writes class-1 evidence, onl
 ones. So with λ per block, the per-image optimum runs block 0 on dark and block 1 on bright
 images (reward 1 − λ each), while the best fixed mask, both blocks, earns 1 − 2λ and any single
 block 0.5 − λ. A policy that reaches ≥ 90% of the oracle's reward and beats every fixed mask
-must treat the two groups differently, and the test checks that it does.
+must treat the two groups differently, and the test checks that it does. Also here: the
+reward's own per-image optimum on a ladder (``experiments.probe.reward_optimum``).
 """
 
 import pytest
@@ -139,3 +140,20 @@ def test_adaptivity_reaches_tensorboard():
     assert logged["eval/blocks_used/easy"] == 1.0 and logged["eval/accuracy/hard"] == 0.5
     assert logged["eval/blocks_used_per_image"].tolist() == [1.0, 1.0, 1.0, 1.0]  # one block each: a histogram
     assert len(logged["eval/keep_prob_std_across_images"]) == 2
+
+
+def test_reward_optimum_gives_hopeless_images_the_cheapest_rung():
+    from experiments.probe import reward_optimum
+    ladder = torch.tensor([[0, 0, 0], [1, 0, 0], [1, 1, 0], [1, 1, 1]])
+    correct = torch.tensor([[True, True, True, True],     # easy: right with nothing
+                            [False, False, True, True],   # needs two blocks
+                            [False, False, False, True],  # needs all three
+                            [False, False, False, False]])  # hopeless
+    groups = torch.tensor([0, 1, 1, 2])
+    low = reward_optimum(correct, ladder, groups, lam=0.1)
+    assert [g["blocks_used"] for g in low["by_group"]] == [0.0, 2.5, 0.0]
+    assert low["accuracy"] == 0.75 and low["by_group"][2]["hopeless"] == 1.0
+    # Above 1/3 per block the three-block image is no longer worth its blocks.
+    high = reward_optimum(correct, ladder, groups, lam=0.4)
+    assert [g["blocks_used"] for g in high["by_group"]] == [0.0, 1.0, 0.0] and high["accuracy"] == 0.5
+    assert high["hard_minus_easy_blocks"] == 0.0

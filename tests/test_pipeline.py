@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from backbone.models.weights import load_model
 from experiments.evaluate import evaluate_run
@@ -162,26 +161,6 @@ def test_policy_stage_without_backbone_is_a_clear_error(tmp_path):
     assert result.returncode == 2 and "experiments.pretrain" in result.stderr
 
 
-def test_seed_summary_gives_mean_and_std_at_each_budget(tmp_path):
-    from experiments.config import load_config
-    from experiments.curves import headline, point
-    from experiments.run import seed_configs, summarize_seeds
-
-    cfg = load_config("quickstart", [f"output_dir={tmp_path}", "study.seeds=[0, 1]"])
-    configs = seed_configs(cfg)
-    assert [c.seed for c in configs] == [0, 1] and [c.run_dir.name for c in configs] == ["seed0", "seed1"]
-    for c, accuracy in zip(configs, (0.8, 0.9)):
-        c.run_dir.mkdir(parents=True)
-        rows = headline({"static ResNet": [point(0.5, accuracy)], "RL policy": [point(0.4, 0.5), point(0.6, 0.7)]}, [0.5])
-        (c.run_dir / "metrics.json").write_text(json.dumps({"compare": {"headline": rows}}))
-    summary = summarize_seeds(cfg, [c.run_dir for c in configs])
-    data = json.loads((summary.parent / "summary.json").read_text())["budgets"][0]
-    assert data["methods"]["static ResNet"]["mean"] == pytest.approx(0.85)
-    assert data["methods"]["static ResNet"]["std"] == pytest.approx(0.0707, abs=1e-4) and data["winner"] == "static ResNet"
-    assert "85.00 ± 7.07" in summary.read_text()
-    assert [c.seed for c in seed_configs(load_config("quickstart", ["seed=7"]))] == [7]
-
-
 def _without_timings(value):
     """Metrics minus what depends on the clock (timings, throughput, measured latency)."""
     if isinstance(value, dict):
@@ -290,23 +269,6 @@ def test_pair_benchmark_splits_the_pairs_time(study):
         assert r["runner_efficiency"] > 0 and math.isfinite(r["policy_ms"])  # timings: no bounds under load
         assert r["cost_model_efficiency"] == pytest.approx(1 / r["kept_time_share"] / r["flops_ratio"])
     assert "where it goes: masked backbone alone" in result.stdout
-
-
-def test_reward_optimum_gives_hopeless_images_the_cheapest_rung():
-    from experiments.probe import reward_optimum
-    ladder = torch.tensor([[0, 0, 0], [1, 0, 0], [1, 1, 0], [1, 1, 1]])
-    correct = torch.tensor([[True, True, True, True],     # easy: right with nothing
-                            [False, False, True, True],   # needs two blocks
-                            [False, False, False, True],  # needs all three
-                            [False, False, False, False]])  # hopeless
-    groups = torch.tensor([0, 1, 1, 2])
-    low = reward_optimum(correct, ladder, groups, lam=0.1)
-    assert [g["blocks_used"] for g in low["by_group"]] == [0.0, 2.5, 0.0]
-    assert low["accuracy"] == 0.75 and low["by_group"][2]["hopeless"] == 1.0
-    # Above 1/3 per block the three-block image is no longer worth its blocks.
-    high = reward_optimum(correct, ladder, groups, lam=0.4)
-    assert [g["blocks_used"] for g in high["by_group"]] == [0.0, 1.0, 0.0] and high["accuracy"] == 0.5
-    assert high["hard_minus_easy_blocks"] == 0.0
 
 
 def test_study_on_an_imported_backbone_trains_every_baseline(study, tmp_path):
