@@ -26,6 +26,9 @@ def test_records_have_the_tracked_fields(tmp_path, capsys):
         assert r["index_ms"] >= 0 and r["other_ms"] >= 0 and r["conv_ms"] > 0
         assert r["conv_ms"] + r["index_ms"] + r["other_ms"] == pytest.approx(r["time_masked_ms"])
         assert r["flops_ratio"] > 1 and r["efficiency"] == pytest.approx(r["time_ratio"] / r["flops_ratio"])
+        # The cap splits the efficiency into the runner's share and the model's own time mix.
+        assert 0 < r["kept_time_share"] < 1
+        assert r["efficiency_cap"] == pytest.approx(1 / (r["kept_time_share"] * r["flops_ratio"]))
         assert r["peak_memory_full_mb"] is None or r["peak_memory_full_mb"] > 0
     # Batch 1 runs a stream of 16 images with their own masks; "patterns" has at most 4 masks.
     assert next(r for r in skipping if r["batch"] == 1 and r["mask_kind"] == "random")["distinct_masks"] > 4
@@ -36,7 +39,9 @@ def test_records_have_the_tracked_fields(tmp_path, capsys):
     assert all(r["speedup"] > 0 for r in layout)
     shortcut = [r for r in records if r["bench"] == "shortcut"]
     assert shortcut and all(r["slowdown"] > 0 for r in shortcut)
-    assert "efficiency" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    short = sum(r["efficiency"] < 0.9 for r in skipping)
+    assert "efficiency" in printed and f"{short} of {len(skipping)} cases under an efficiency of 0.9" in printed
 
 
 def test_bad_arguments_exit_with_a_message(capsys):
