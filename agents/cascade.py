@@ -100,16 +100,21 @@ def threshold_for_share(held_out_confidence: torch.Tensor, share: float) -> floa
     return ranked[min(int(round(share * len(ranked))), len(ranked) - 1)].item()
 
 
-def cascade_decisions(chain: list[ScoredNetwork], thresholds: list[float], held_out: bool = False
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+def cascade_decisions(chain: list[ScoredNetwork], thresholds: list[float], held_out: bool = False,
+                      average: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(prediction per image, the stage that answered it) of the cascade ``chain`` (cheapest
     first) with ``thresholds`` (one per stage but the last): an image leaves at the first stage
-    whose top probability is at least that stage's threshold; the last stage answers the rest."""
+    whose top probability is at least that stage's threshold; the last stage answers the rest
+    (with ``average``: by its probabilities averaged with those of the stage that sent it on)."""
     scored = [n.held_out if held_out else n.test for n in chain]
     stage = torch.full((len(scored[0][0]),), len(chain) - 1, dtype=torch.long)
     for i in reversed(range(len(chain) - 1)):
         stage = torch.where(scored[i][0] >= thresholds[i], i, stage)
-    prediction = torch.stack([p for _, p in scored]).gather(0, stage[None]).squeeze(0)
+    predictions = [p for _, p in scored]
+    if average:
+        sender, last = (n.held_out_logits if held_out else n.test_logits for n in chain[-2:])
+        predictions[-1] = (sender.float().softmax(1) + last.float().softmax(1)).argmax(1)
+    prediction = torch.stack(predictions).gather(0, stage[None]).squeeze(0)
     return prediction, stage
 
 
@@ -125,15 +130,16 @@ def stage_flops(flops_ratios: list[float], stage: torch.Tensor) -> float:
 
 
 def run_cascade(chain: list[ScoredNetwork], thresholds: list[float], labels: torch.Tensor,
-                groups: torch.Tensor | None = None, group_names: list[str] | None = None) -> dict:
+                groups: torch.Tensor | None = None, group_names: list[str] | None = None, average: bool = False) -> dict:
     """The cascade on the test images: FLOPs ratio, accuracy, the share each stage answered, and
     its adaptivity (the blocks of every network it ran, cheapest first, as one mask)."""
-    prediction, stage = cascade_decisions(chain, thresholds)
+    prediction, stage = cascade_decisions(chain, thresholds, average=average)
     correct = prediction == labels
     n = len(labels)
     blocks = torch.cat([net.mask.bool().expand(n, -1) & (stage >= i)[:, None] for i, net in enumerate(chain)], 1)
     return {
         "chain": [net.name for net in chain], "small": chain[0].name, "large": chain[-1].name, "thresholds": thresholds,
+        "averaged": average,
         "flops_ratio": cascade_flops(chain, stage), "accuracy": correct.double().mean().item(),
         "sent_on": (stage > 0).double().mean().item(),
         "answered_by": [(stage == i).double().mean().item() for i in range(len(chain))],
@@ -146,8 +152,8 @@ def run_cascade(chain: list[ScoredNetwork], thresholds: list[float], labels: tor
 SHARES = tuple(i / 20 for i in range(1, 13))
 
 
-def candidate_chains(smalls: list[ScoredNetwork], large: ScoredNetwork, budget: float, stages: int
-                     ) -> list[tuple[list[ScoredNetwork], list[float], torch.Tensor]]:
+def candidate_chains(smalls: list[ScoredNetwork], large: ScoredNetwork, budget: float, stages: int,
+                     average: bool = False) -> list[tuple[list[ScoredNetwork], list[float], torch.Tensor]]:
     """(chain, thresholds, held-out predictions) of every cascade into ``large`` of ``stages``
     networks (2 or 3) whose FLOPs on the held-out images are within ``budget``; thresholds from
     held-out quantiles."""
@@ -159,7 +165,8 @@ def candidate_chains(smalls: list[ScoredNetwork], large: ScoredNetwork, budget: 
         if stages == 2:
             share = (budget - small.flops_ratio) / large.flops_ratio
             thresholds = [threshold_for_share(held_out_conf, share)]
-            found.append(([small, large], thresholds, cascade_decisions([small, large], thresholds, held_out=True)[0]))
+            found.append(([small, large], thresholds,
+                          cascade_decisions([small, large], thresholds, held_out=True, average=average)[0]))
             continue
         for middle in smalls:
             if middle.flops_ratio <= small.flops_ratio:
@@ -172,7 +179,8 @@ def candidate_chains(smalls: list[ScoredNetwork], large: ScoredNetwork, budget: 
                     continue
                 for second in SHARES:
                     thresholds = [t1, threshold_for_share(middle_conf[on], second)]
-                    prediction, stage = cascade_decisions([small, middle, large], thresholds, held_out=True)
+                    prediction, stage = cascade_decisions([small, middle, large], thresholds, held_out=True,
+                                                          average=average)
                     if cascade_flops([small, middle, large], stage) <= budget + 1e-9:
                         found.append(([small, middle, large], thresholds, prediction))
     return found
@@ -181,21 +189,24 @@ def candidate_chains(smalls: list[ScoredNetwork], large: ScoredNetwork, budget: 
 def cascade_for_budget(smalls: list[ScoredNetwork], large: ScoredNetwork, budget: float,
                        held_out_labels: torch.Tensor, labels: torch.Tensor,
                        groups: torch.Tensor | None = None, group_names: list[str] | None = None,
-                       max_stages: int = 2) -> dict | None:
+                       max_stages: int = 2, average: bool = False) -> dict | None:
     """The best cascade into ``large`` within ``budget`` (FLOPs ratio), chosen on the held-out
     images alone among the chains of 2 to ``max_stages`` networks (the small ones cheaper than the
-    budget, thresholds as held-out quantiles), then scored on the test images. None when no small
-    network fits the budget."""
+    budget, thresholds as held-out quantiles), then scored on the test images. With ``average``
+    the last stage's answer may also be its probabilities averaged with the sender's (chosen on
+    the held-out images too). None when no small network fits the budget."""
     best = None
-    for stages in range(2, max_stages + 1):
-        for chain, thresholds, prediction in candidate_chains(smalls, large, budget, stages):
-            score = (prediction == held_out_labels).double().mean().item()
-            if best is None or score > best[0]:
-                best = (score, chain, thresholds)
+    for averaged in (False, True) if average else (False,):
+        for stages in range(2, max_stages + 1):
+            for chain, thresholds, prediction in candidate_chains(smalls, large, budget, stages, averaged):
+                score = (prediction == held_out_labels).double().mean().item()
+                if best is None or score > best[0]:
+                    best = (score, chain, thresholds, averaged)
     if best is None:
         return None
-    score, chain, thresholds = best
-    return {"budget": budget, "held_out_accuracy": score, **run_cascade(chain, thresholds, labels, groups, group_names)}
+    score, chain, thresholds, averaged = best
+    return {"budget": budget, "held_out_accuracy": score,
+            **run_cascade(chain, thresholds, labels, groups, group_names, averaged)}
 
 
 def gain_standard_error(correct: torch.Tensor, static: dict, networks: dict[str, ScoredNetwork],
@@ -241,9 +252,13 @@ class CascadeModel(torch.nn.Module):
     stage that answered it. ``networks``: skippable backbones, cheapest first, each run with its
     keep mask of ``masks`` (all blocks where the mask is all ones) as the plain shorter network it
     is (``backbone.models.masked.FixedSubset``); ``thresholds``: one per stage but the last. A stage
-    runs only on the rows still unanswered, gathered into one batch."""
+    runs only on the rows still unanswered, gathered into one batch. ``average_last``: the last
+    stage answers with its probabilities averaged with those of the stage that sent the image on
+    (its output is then the log of those probabilities), as :func:`cascade_decisions` with ``average``.
+    The networks may be different backbones (another run's, on the same inputs)."""
 
-    def __init__(self, networks: list[torch.nn.Module], masks: list[torch.Tensor], thresholds: list[float]):
+    def __init__(self, networks: list[torch.nn.Module], masks: list[torch.Tensor], thresholds: list[float],
+                 average_last: bool = False):
         super().__init__()
         if not (len(networks) == len(masks) == len(thresholds) + 1 >= 2):
             raise ValueError(f"a cascade needs 2 or more networks, a mask each and a threshold for all but the last, got "
@@ -253,9 +268,16 @@ class CascadeModel(torch.nn.Module):
         # A stage with every block runs its plain forward; the others their fixed plan.
         self.stages = [net if bool(m.all()) else FixedSubset(net, m) for net, m in zip(networks, self.masks)]
         self.thresholds = list(thresholds)
+        self.average_last = average_last
 
     def stage_logits(self, i: int, images: torch.Tensor) -> torch.Tensor:
         return self.stages[i](images)
+
+    def _answer_of(self, i: int, images: torch.Tensor, sender_logits: torch.Tensor) -> torch.Tensor:
+        logits = self.stage_logits(i, images)
+        if self.average_last and i == len(self.stages) - 1:
+            return ((sender_logits.float().softmax(1) + logits.float().softmax(1)) / 2).log()
+        return logits
 
     @torch.no_grad()
     def answer(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -272,10 +294,11 @@ class CascadeModel(torch.nn.Module):
             if going_on == 0:
                 break
             if rows is None and going_on == len(unsure):  # every image goes on: no gather, no scatter
-                logits, stage = self.stage_logits(i, images), torch.full_like(stage, i)
+                logits, stage = self._answer_of(i, images, logits), torch.full_like(stage, i)
                 continue
             rows = (torch.arange(len(unsure), device=images.device) if rows is None else rows)[unsure]
-            logits[rows] = self.stage_logits(i, images[rows]).to(logits.dtype)
+            # logits[rows] still holds the sender's (the previous stage's) logits of these rows
+            logits[rows] = self._answer_of(i, images[rows], logits[rows]).to(logits.dtype)
             stage[rows] = i
         return logits, stage
 
@@ -289,7 +312,7 @@ class CascadeModel(torch.nn.Module):
             logits = self.stage_logits(i, image)
             if confidence(logits).item() >= self.thresholds[i]:
                 return logits, i
-        return self.stage_logits(last, image), last
+        return self._answer_of(last, image, logits), last
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.answer_one(images)[0] if images.shape[0] == 1 else self.answer(images)[0]

@@ -1,4 +1,4 @@
-"""Does per-image compute pay on this backbone? ``python -m experiments.cascade --run DIR [--budgets B ...] [--train-missing] [--json]``.
+"""Does per-image compute pay on this backbone? ``python -m experiments.cascade --run DIR [--budgets B ...] [--train-missing] [--with-run DIR2] [--average] [--json]``.
 
 Confidence cascades (``agents.cascade``) built from a finished comparison's own static networks:
 each fine-tuned fixed subset (``baselines/subset_*.pt``, written by ``experiments.compare``) as
@@ -19,12 +19,15 @@ what the cascade's per-image choice must beat), with its adaptivity (blocks per 
 per difficulty quartile of the full backbone's margin).
 Training budget: the fine-tuning of the networks it chains (each the same as a static network's);
 the full backbone as it is is every method's starting point. Stored in ``metrics.json`` (section
-``cascade``).
+``cascade``). ``--with-run DIR2``: a second run on the same data (another backbone) lends its last
+stage as a candidate and all its networks to the envelope; ``--average``: the last stage may
+answer with its probabilities averaged with the sender's (both chosen on the held-out images).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -168,53 +171,97 @@ def last_stages(cfg, backbone, cost, splits, resume: bool, train_missing: bool, 
 DEFAULT_STAGES = 2
 
 
+def scored_networks(run_dir: Path, lasts: list[tuple], subsets: list[tuple], cost, full_flops: float, splits, device,
+                    prefix: str = "") -> tuple[list, list, dict, dict]:
+    """(last stages, subsets) of a run as :class:`agents.cascade.ScoredNetwork` (logits on the
+    held-out and test images, FLOPs over ``full_flops``), each one's fine-tuning seconds and file
+    (relative to ``run_dir``) by name; names get ``prefix``."""
+    def scored(name: str, model, mask: torch.Tensor) -> ScoredNetwork:
+        keep = mask.to(device)
+        run = lambda images: keep.expand(images.shape[0], -1)  # noqa: E731
+        return ScoredNetwork(prefix + name, cost.mask_flops(mask).item() / full_flops, mask,
+                             predict(model, splits.val, keep_mask_fn=run), predict(model, splits.test, keep_mask_fn=run))
+
+    every_block = torch.ones(lasts[0][1].num_blocks, dtype=torch.bool)
+    larges = [scored(name, model, every_block) for name, model, _, _ in lasts]
+    train_time = {prefix + name: seconds for name, _, seconds, _ in lasts}
+    files = {prefix + name: file for name, _, _, file in lasts}
+    smalls = []
+    for name, path, mask in subsets:
+        smalls.append(scored(name, load_model(path, map_location=device).to(device).eval(), mask))
+        train_time[prefix + name] = load_checkpoint(path).get("train_time_s")
+        files[prefix + name] = os.path.relpath(path, run_dir)
+    return larges, smalls, train_time, files
+
+
+def other_run_networks(other: Path, run_dir: Path, splits, full_flops: float, device) -> tuple[list, list, dict, dict]:
+    """The static networks of ``other``, a finished run on the same data as ``run_dir`` (e.g. a
+    deeper backbone's): its fine-tuned subsets and full backbones, named ``"<run>: <network>"``,
+    FLOPs over this run's full backbone (``full_flops``), files relative to ``run_dir``. They all
+    join the static envelope, and its last stage is a candidate last stage of every cascade: two
+    backbones share fewer of their errors than a backbone and its own subsets (docs/results.md,
+    session 13)."""
+    if not (other / "config.yaml").exists():
+        raise ConfigError(f"--with-run {other} is not a run directory (no config.yaml)")
+    # Where the run is now, whatever output_dir it was written with (it is only read here).
+    other_cfg = load_config(other / "config.yaml", [f"output_dir={other.parent}", f"name={other.name}"])
+    if other_cfg.data != load_config(run_dir / "config.yaml").data:
+        raise ConfigError(f"--with-run {other} was trained on other data than {run_dir}: its networks cannot share "
+                          f"a cascade's images (compare the data sections of their config.yaml)")
+    backbone = load_backbone(other, device).eval()
+    cost = measure_backbone_cost(backbone, image_size_of(splits.test))
+    lasts = [(name, model, seconds, os.path.relpath(other / file, run_dir))
+             for name, model, seconds, file in last_stages(other_cfg, backbone, cost, splits, resume=True, train_missing=False)]
+    larges, smalls, train_time, files = scored_networks(run_dir, lasts, fine_tuned_subsets(other), cost, full_flops, splits,
+                                                        device, prefix=f"{other.name}: ")
+    return [*smalls, *larges], larges, train_time, files
+
+
 @torch.no_grad()
 def cascades_of_run(run_dir: Path, lasts: list[tuple], cost, splits, budgets: list[float], device,
-                    max_stages: int = DEFAULT_STAGES) -> dict:
+                    max_stages: int = DEFAULT_STAGES, with_run: Path | None = None, average: bool = False) -> dict:
     """The cascades of the fixed subsets ``run_dir``'s comparison fine-tuned into the last network
     of ``lasts`` (:func:`last_stages`: the one trained for the images it gets, where the run has
     it), at each budget (chain and thresholds chosen on the held-out images), beside the static
     envelope of all these networks (see the module's docstring). The last stage is not chosen
     per budget: on 5,000 held-out images that choice among full backbones 0.3 points apart on
-    test was noise (docs/results.md)."""
+    test was noise (docs/results.md). ``with_run``: another run on the same data, whose networks
+    join the envelope and whose last stage is a second candidate, chosen per budget on the held-out
+    images (:func:`other_run_networks`); ``average``: see :func:`agents.cascade.cascade_for_budget`."""
     subsets = fine_tuned_subsets(run_dir)
     if len(splits.val) == 0:
         raise ConfigError("the cascade's thresholds are chosen on the held-out split: set data.val_fraction > 0")
 
-    def scored(name: str, model, mask: torch.Tensor) -> ScoredNetwork:
-        keep = mask.to(device)
-        run = lambda images: keep.expand(images.shape[0], -1)  # noqa: E731
-        return ScoredNetwork(name, cost.mask_flops(mask).item() / cost.full_flops, mask,
-                             predict(model, splits.val, keep_mask_fn=run), predict(model, splits.test, keep_mask_fn=run))
-
     backbone = lasts[0][1]
-    every_block = torch.ones(backbone.num_blocks, dtype=torch.bool)
-    larges = [scored(name, model, every_block) for name, model, _, _ in lasts]
-    train_time = {name: seconds for name, _, seconds, _ in lasts}
-    files = {name: file for name, _, _, file in lasts}
-    smalls = []
-    for name, path, mask in subsets:
-        smalls.append(scored(name, load_model(path, map_location=device).to(device).eval(), mask))
-        train_time[name] = load_checkpoint(path).get("train_time_s")
-        files[name] = f"baselines/{path.name}"
+    larges, smalls, train_time, files = scored_networks(run_dir, lasts, subsets, cost, cost.full_flops, splits, device)
+    others, other_larges = [], []
+    if with_run is not None:
+        others, other_larges, other_times, other_files = other_run_networks(with_run, run_dir, splits, cost.full_flops, device)
+        train_time.update(other_times)
+        files.update(other_files)
     groups, names, how = difficulty_groups(backbone, splits.test)
     val_labels, labels = splits.val.labels.cpu(), splits.test.labels.cpu()
-    by_name = {n.name: n for n in [*smalls, *larges]}
+    statics = [*smalls, *larges, *others]
+    by_name = {n.name: n for n in statics}
     rows = []
     for budget in budgets:
-        cascade = cascade_for_budget(smalls, larges[-1], budget, val_labels, labels, groups, names, max_stages)
-        if cascade is None:
+        found = [cascade_for_budget(smalls, last, budget, val_labels, labels, groups, names, max_stages, average)
+                 for last in [larges[-1], *other_larges[-1:]]]
+        found = [c for c in found if c is not None]
+        if not found:
             continue
-        static = static_envelope_at([*smalls, *larges], labels, cascade["flops_ratio"])
+        cascade = max(found, key=lambda c: c["held_out_accuracy"])  # the last stage, chosen on held-out images
+        static = static_envelope_at(statics, labels, cascade["flops_ratio"])
         tuned = sum(train_time.get(name) or 0.0 for name in cascade["chain"])  # the full backbone's is every method's
-        correct = cascade_decisions([by_name[name] for name in cascade["chain"]], cascade["thresholds"])[0] == labels
+        correct = cascade_decisions([by_name[name] for name in cascade["chain"]], cascade["thresholds"],
+                                    average=cascade["averaged"])[0] == labels
         rows.append({**cascade, "fine_tuning_time_s": tuned, "static": static,
                      "gain_over_static": None if static is None else cascade["accuracy"] - static["mixture"]["accuracy"],
                      "gain_standard_error": None if static is None else gain_standard_error(correct, static, by_name, labels),
                      "gain_over_single": None if static is None else cascade["accuracy"] - static["single"]["accuracy"],
                      "envelope_lacks": [name for name, _ in missing_envelope_subsets(run_dir, cost, [cascade["flops_ratio"]])]})
     networks = [{"name": n.name, "mask": mask_string(n.mask), "flops_ratio": n.flops_ratio, "file": files[n.name],
-                 "accuracy": (n.test_logits.argmax(1) == labels).double().mean().item()} for n in [*smalls, *larges]]
+                 "accuracy": (n.test_logits.argmax(1) == labels).double().mean().item()} for n in statics]
     return {"networks": networks, "cascades": rows, "difficulty_groups": how,
             "held_out_images": len(splits.val), "test_images": len(splits.test)}
 
@@ -242,13 +289,15 @@ def load_cascade(run_dir: Path, budget: float, device) -> tuple:
     row, chain = chosen_cascade(run_dir, budget)
     models = [load_model(run_dir / n["file"], map_location=device).to(device).eval() for n in chain]
     masks = [torch.tensor([c == "1" for c in n["mask"]]) for n in chain]
-    return row, CascadeModel(models, masks, row["thresholds"]), [n["flops_ratio"] for n in chain], load_config(run_dir / "config.yaml")
+    cascade = CascadeModel(models, masks, row["thresholds"], average_last=row.get("averaged", False))
+    return row, cascade, [n["flops_ratio"] for n in chain], load_config(run_dir / "config.yaml")
 
 
-def cascade_study(run_dir: Path, budgets: list[float], max_stages: int = DEFAULT_STAGES, train_missing: bool = False) -> dict:
+def cascade_study(run_dir: Path, budgets: list[float], max_stages: int = DEFAULT_STAGES, train_missing: bool = False,
+                  with_run: Path | None = None, average: bool = False) -> dict:
     """:func:`cascades_of_run` of a finished run, stored in its ``metrics.json`` (``cascade``);
     ``train_missing``: first fine-tune the focused networks the run lacks (:func:`focused_subsets`,
-    :func:`last_stages`)."""
+    :func:`last_stages`); ``with_run``, ``average``: see :func:`cascades_of_run`."""
     if not (run_dir / "config.yaml").exists():
         raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
     if max_stages not in (2, 3):
@@ -266,7 +315,7 @@ def cascade_study(run_dir: Path, budgets: list[float], max_stages: int = DEFAULT
             envelope_subsets(cfg, backbone, cost, splits, budgets)
             focused_subsets(cfg, backbone, cost, splits, resume=True)
         lasts = last_stages(cfg, backbone, cost, splits, resume=True, train_missing=train_missing)
-        result = cascades_of_run(run_dir, lasts, cost, splits, budgets, device, max_stages)
+        result = cascades_of_run(run_dir, lasts, cost, splits, budgets, device, max_stages, with_run, average)
         update_metrics(run_dir, STAGE, result)
     return result
 
@@ -276,10 +325,11 @@ def print_text(result: dict) -> None:
     for n in result["networks"]:
         print(f"  {n['name']:<40}{n['mask']:>20}  FLOPs {n['flops_ratio']:.3f}  {100 * n['accuracy']:.2f}%")
     print(f"cascades into the full backbone, as it is or fine-tuned (plainly, or focused on the images the cheapest "
-          f"subset is unsure of); networks and thresholds chosen on {result['held_out_images']} held-out images; "
+          f"subset is unsure of), or into --with-run's (avg: answers averaged with the sender's); networks and "
+          f"thresholds chosen on {result['held_out_images']} held-out images; "
           f"static: the best single network of at most the cascade's FLOPs, and the best random mixture of two at "
           f"equal FLOPs (the gain is over the mixture, with its standard error paired over the test images):")
-    print(f"{'budget':>7}{'networks':>46}{'sent on':>9}{'FLOPs':>7}{'top-1':>8}{'single':>25}{'mixture':>9}{'gain ± s.e.':>14}"
+    print(f"{'budget':>7}{'networks':>60}{'sent on':>9}{'FLOPs':>7}{'top-1':>8}{'single':>25}{'mixture':>9}{'gain ± s.e.':>14}"
           f"{'blocks std':>11}{'hard-easy':>10}")
     for r in result["cascades"]:
         s, a = r["static"], r["adaptivity"]
@@ -288,8 +338,8 @@ def print_text(result: dict) -> None:
         gain = "" if r["gain_over_static"] is None else f"{100 * r['gain_over_static']:+.2f}"
         if r.get("gain_standard_error") is not None:  # absent in metrics written before session 12
             gain += f" ± {100 * r['gain_standard_error']:.2f}"
-        chain = " > ".join(short(name) for name in r["chain"])
-        print(f"{r['budget']:>7.2f}{chain:>46}{r['sent_on']:>9.3f}{r['flops_ratio']:>7.3f}{100 * r['accuracy']:>7.2f}%"
+        chain = " > ".join(short(name) for name in r["chain"]) + (" (avg)" if r.get("averaged") else "")
+        print(f"{r['budget']:>7.2f}{chain:>60}{r['sent_on']:>9.3f}{r['flops_ratio']:>7.3f}{100 * r['accuracy']:>7.2f}%"
               f"{single:>25}{mixture:>9}{gain:>14}{a['blocks_used_std']:>11.2f}{a.get('hard_minus_easy_blocks', 0):>10.2f}")
     for r in result["cascades"]:
         if r.get("envelope_lacks"):
@@ -314,8 +364,15 @@ def main() -> None:
                         help="first fine-tune the networks the run has no file of yet: the ladder's subsets on each side "
                              "of every budget, the full backbone plainly (the control), and it and every subset but the "
                              "cheapest focused on the images the cheapest subset is unsure of (one fine-tuning budget each)")
-    cli(lambda args: print_report(cascade_study(args.run, args.budgets, args.stages, args.train_missing), args.json,
-                                  print_text), parser)
+    parser.add_argument("--with-run", type=Path, default=None, metavar="DIR",
+                        help="another finished run on the same data (e.g. a deeper backbone's): its networks join the "
+                             "static envelope, and its last stage is a second candidate last stage, chosen per budget "
+                             "on the held-out images (FLOPs stay ratios of this run's full backbone)")
+    parser.add_argument("--average", action="store_true",
+                        help="the last stage may answer with its probabilities averaged with those of the stage that "
+                             "sent the image on (both are computed), where that scores better on the held-out images")
+    cli(lambda args: print_report(cascade_study(args.run, args.budgets, args.stages, args.train_missing, args.with_run,
+                                                args.average), args.json, print_text), parser)
 
 
 if __name__ == "__main__":

@@ -25,3 +25,16 @@ def cifar10_jpg() -> Path:
             pytest.fail(message + " (CI is set: the real-data checks must run)")
         pytest.skip(message)
     return REAL_CIFAR10_JPG
+
+
+@pytest.fixture(scope="session")
+def study(tmp_path_factory):
+    """The tiny study (``tiny_study.TINY``) run once by ``experiments.run``: (work dir, result).
+    Shared by the pipeline tests and the CLIs that read a finished run."""
+    from tiny_study import TINY, run
+
+    work = tmp_path_factory.mktemp("study")
+    (work / "tiny.yaml").write_text(TINY)
+    result = run("--config", "tiny.yaml", cwd=work)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return work, result

@@ -204,6 +204,37 @@ def test_the_deployable_cascade_answers_each_image_with_the_stage_a_held_out_sea
         CascadeModel([small], masks[:1], [])
 
 
+def test_an_averaged_last_stage_answers_with_both_stages_probabilities():
+    from backbone import build_resnet
+
+    torch.manual_seed(3)
+    small, large = (build_resnet("resnet20", num_classes=4, width=4).eval() for _ in range(2))
+    masks = [torch.tensor([True, False, True, False, False, True, True, False, True]), torch.ones(9, dtype=torch.bool)]
+    images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        logits = [net(images, m.expand(40, -1)) for net, m in zip((small, large), masks)]
+    scored = [ScoredNetwork(str(i), 0.4 + 0.6 * i, m, lg, lg) for i, (m, lg) in enumerate(zip(masks, logits))]
+    thresholds = [threshold_for_share(scored[0].test[0], 0.5)]
+    prediction, stage = cascade_decisions(scored, thresholds, average=True)
+    both = (logits[0].softmax(1) + logits[1].softmax(1)) / 2
+    sent = stage == 1
+    assert sent.any() and (~sent).any()
+    assert torch.equal(prediction[sent], both[sent].argmax(1)) and torch.equal(prediction[~sent], logits[0][~sent].argmax(1))
+    cascade = CascadeModel([small, large], masks, thresholds, average_last=True)
+    out, answered_by = cascade.answer(images)
+    assert torch.equal(answered_by, stage)
+    assert torch.allclose(out[sent], both[sent].log(), atol=1e-5) and torch.allclose(out[~sent], logits[0][~sent], atol=1e-5)
+    row = int(sent.nonzero()[0])
+    assert torch.allclose(cascade(images[row:row + 1]), both[row:row + 1].log(), atol=1e-5)  # batch 1 too
+    # The held-out search takes the averaged answer where it scores better there, and says so.
+    plain = cascade_decisions(scored, thresholds)[0]
+    labels = both.argmax(1)  # the averaged answers are right by construction
+    assert (plain != labels).any()
+    chosen = cascade_for_budget(scored[:1], scored[1], 0.7, labels, labels, average=True)
+    assert chosen["averaged"] is True and chosen["accuracy"] == 1.0
+    assert cascade_for_budget(scored[:1], scored[1], 0.7, labels, labels)["averaged"] is False
+
+
 def test_threshold_for_share_splits_the_held_out_images():
     confidence = torch.linspace(0, 1, 101)
     for share in (0.1, 0.25, 0.5, 0.9):

@@ -2,42 +2,12 @@
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from backbone.models.weights import load_model
 from experiments.evaluate import evaluate_run
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY = """
-name: tiny
-data: {train_size: 400, test_size: 120, num_classes: 4, val_fraction: 0.3}
-model: {arch: resnet8, width: 4}
-pretrain: {epochs: 2, batch_size: 32, warmup_epochs: 0, stochastic_depth: 0.2}
-policy: {num_envs: 16, n_steps: 4, batch_size: 64, timesteps: 256, observation: stem, eval_every: 128, checkpoint_every: 128}
-finetune: {epochs: 1, batch_size: 32, policy_batch_size: 32}
-study: {lambdas: [0.2], budgets: [0.6], keep_rates: [0.5], latency_batch: 16, latency_repeats: 2, latency_stream: 4}
-"""
-
-
-def run(*args, cwd, module="experiments.run"):
-    return subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"},
-    )
-
-
-@pytest.fixture(scope="module")
-def study(tmp_path_factory):
-    work = tmp_path_factory.mktemp("study")
-    (work / "tiny.yaml").write_text(TINY)
-    result = run("--config", "tiny.yaml", cwd=work)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return work, result
+from tiny_study import TINY, run
 
 
 def test_every_stage_and_baseline_is_in_the_report(study):
@@ -185,53 +155,6 @@ def test_two_runs_with_the_same_seed_give_the_same_metrics(study, tmp_path):
     assert other_seed.returncode == 0, other_seed.stderr[-2000:]
     third = json.loads((tmp_path / "runs" / "seed1" / "metrics.json").read_text())["pretrain"]
     assert _without_timings(third["history"]) != _without_timings(first["pretrain"]["history"])
-
-
-def test_cascade_cli_scores_cascades_of_the_comparisons_own_networks(study):
-    work, _ = study
-    result = run("--run", "runs/tiny", "--budgets", "0.5", "0.9", "--json", cwd=work, module="experiments.cascade")
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = json.loads(result.stdout)
-    networks = {n["name"]: n for n in out["networks"]}
-    assert networks["full backbone"]["flops_ratio"] == 1.0 and any(n.startswith("subset_k") for n in networks)
-    # The comparison's fine-tuned last stages are networks of the study too (static points of the envelope).
-    cheapest = min((n for n in networks if n.startswith("subset_")), key=lambda n: networks[n]["flops_ratio"])
-    assert {"full backbone + fine-tuning", f"full backbone, focused on {cheapest}"} <= set(networks)
-    assert out["cascades"] and out["difficulty_groups"].startswith("the dataset's difficulty levels")
-    for c in out["cascades"]:
-        assert networks[c["small"]]["flops_ratio"] <= c["budget"]  # chosen among the networks that fit
-        # FLOPs: each network of the chain times the share of images that reached it.
-        reached = [sum(c["answered_by"][i:]) for i in range(len(c["chain"]))]
-        assert c["flops_ratio"] == pytest.approx(sum(networks[n]["flops_ratio"] * r for n, r in zip(c["chain"], reached)))
-        assert c["static"]["single"]["flops_ratio"] <= c["flops_ratio"] + 1e-9
-        assert c["static"]["mixture"]["accuracy"] >= c["static"]["single"]["accuracy"]
-        assert c["gain_over_static"] == pytest.approx(c["accuracy"] - c["static"]["mixture"]["accuracy"])
-        assert 0 <= c["gain_standard_error"] < 0.1  # paired over the 120 test images
-        assert sum(c["adaptivity"]["blocks_histogram"]) == 120
-    assert json.loads((work / "runs" / "tiny" / "metrics.json").read_text())["cascade"]["cascades"] == out["cascades"]
-
-
-def test_cascade_cli_fine_tunes_the_subsets_its_envelope_lacks(study, tmp_path):
-    import shutil
-
-    work, _ = study
-    run_dir = tmp_path / "runs" / "tiny"
-    shutil.copytree(work / "runs" / "tiny", run_dir)
-    plain = sorted((p for p in (run_dir / "baselines").glob("subset_k*.pt") if "focused" not in p.stem),
-                   key=lambda p: int(p.stem.removeprefix("subset_k")))
-    dearest = plain[-1].stem  # not the first stage, whose unsure images the focused networks learn
-    (run_dir / "baselines" / f"{dearest}.pt").unlink()
-    shutil.rmtree(run_dir / "baselines" / f"checkpoints_{dearest}")
-    scored = run("--run", "runs/tiny", "--budgets", "0.6", cwd=tmp_path, module="experiments.cascade")
-    assert scored.returncode == 0, scored.stderr[-3000:]
-    assert f"the static envelope lacks the fine-tuned {dearest}" in scored.stdout
-    trained = run("--run", "runs/tiny", "--budgets", "0.6", "--train-missing", "--json", cwd=tmp_path,
-                  module="experiments.cascade")
-    assert trained.returncode == 0, trained.stderr[-3000:]
-    assert (run_dir / "baselines" / f"{dearest}.pt").exists()
-    rows = json.loads(trained.stdout)["cascades"]
-    assert rows and all(r["envelope_lacks"] == [] for r in rows)
-    assert dearest in {n["name"] for n in json.loads(trained.stdout)["networks"]}
 
 
 def test_difficulty_probe_cli(study):
