@@ -13,10 +13,9 @@ record per case:
   times, plus stem, head and the shortcuts that skipped downsampling blocks still run) over the
   masked/full time: 1.0 means skipping costs nothing beyond the work that runs. It differs from
   ``efficiency`` where a mask keeps blocks that are slower per FLOP than the average (stage 1);
-- ``efficiency_cap`` = 1 / (``kept_time_share`` · flops_ratio), about efficiency /
-  runner_efficiency: what a runner that skips at no cost would reach (the table's ``cap``). Where it is under 0.9 no runner can reach 0.9: the layers no mask
-  skips and the kept blocks take more of the time than of the FLOPs. The table ends with how many
-  cases fall under 0.9 and how many of them are capped so.
+- ``efficiency_cap`` = 1 / (``kept_time_share`` · flops_ratio), ≈ efficiency / runner_efficiency:
+  what a runner skipping at no cost would reach (``cap``; under 0.9 no runner reaches 0.9). The
+  table ends with how many cases fall under 0.9 and how many of those are so capped.
 
 Mask kinds: ``random`` (every block kept independently with the keep rate, per image) and
 ``patterns`` (4 fixed masks with exactly that share of blocks, rows assigned at random: what a
