@@ -90,6 +90,24 @@ def focused_loss(model: torch.nn.Module, first_stage: torch.nn.Module, first_mas
     return loss_fn
 
 
+def split_test_for_selection(networks: list[ScoredNetwork], labels: torch.Tensor, fraction: float,
+                             seed: int) -> tuple[list[ScoredNetwork], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The networks re-scored for a choice made on test images: a random ``fraction`` of the
+    test images (the same for every network) take the held-out images' place, the rest stay the
+    test images. Returns (networks, selection labels, scoring labels, the scoring images'
+    indices into the test split). For backbones trained on every training image (public
+    checkpoints: torchvision's, akamaster's), whose held-out images they have already seen: a
+    choice made there favours whichever network memorised more (docs/results.md, session 13)."""
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    cut = int(round(fraction * len(labels)))
+    chosen, scored = order[:cut].sort().values, order[cut:].sort().values
+    if len(chosen) == 0 or len(scored) == 0:
+        raise ValueError(f"a selection fraction of {fraction} leaves no images on one side of {len(labels)}")
+    split = [ScoredNetwork(n.name, n.flops_ratio, n.mask, n.test_logits[chosen], n.test_logits[scored])
+             for n in networks]
+    return split, labels[chosen], labels[scored], scored
+
+
 def threshold_for_share(held_out_confidence: torch.Tensor, share: float) -> float:
     """The threshold under which ``share`` of the held-out images fall (they go on)."""
     if share <= 0:

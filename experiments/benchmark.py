@@ -236,7 +236,7 @@ def bench_cascade(run_dir: Path, budget: float, repeats: int, device, stream: in
     full backbone, on the run's test images (``agents.cascade.cascade_latency``)."""
     from agents.cascade import cascade_latency
     from backbone.data.datasets import load_splits
-    from experiments.cascade import load_cascade
+    from experiments.deployed_cascade import load_cascade
     from experiments.pretrain import load_backbone
 
     row, cascade, flops, cfg = load_cascade(run_dir, budget, device)
@@ -316,7 +316,7 @@ def main(argv=None) -> None:
         for arch in filter(is_torchvision_name, args.arch):
             parse_torchvision_name(arch)  # a bad name fails now, not after the first cases
         if "cascade" in args.bench and args.run is not None:
-            from experiments.cascade import chosen_cascade
+            from experiments.deployed_cascade import chosen_cascade
 
             chosen_cascade(args.run, args.budget)  # a run without cascades fails before any timing
     except ConfigError as exc:

@@ -1,4 +1,4 @@
-"""Does per-image compute pay on this backbone? ``python -m experiments.cascade --run DIR [--budgets B ...] [--train-missing] [--with-run DIR2] [--average] [--json]``.
+"""Does per-image compute pay on this backbone? ``python -m experiments.cascade --run DIR [--budgets B ...] [--train-missing] [--with-run DIR2 [--every-other-last]] [--average] [--select-on-test SHARE] [--json]``.
 
 Confidence cascades (``agents.cascade``) built from a finished comparison's own static networks:
 each fine-tuned fixed subset (``baselines/subset_*.pt``, written by ``experiments.compare``) as
@@ -22,6 +22,9 @@ the full backbone as it is is every method's starting point. Stored in ``metrics
 ``cascade``). ``--with-run DIR2``: a second run on the same data (another backbone) lends its last
 stage as a candidate and all its networks to the envelope; ``--average``: the last stage may
 answer with its probabilities averaged with the sender's (both chosen on the held-out images).
+``--select-on-test SHARE``: choose on that share of the test images and score on the rest, for
+backbones that were trained on the held-out images too (public checkpoints). The chosen cascade
+loads as one model with ``experiments.deployed_cascade.load_cascade``.
 """
 
 from __future__ import annotations
@@ -34,8 +37,8 @@ from pathlib import Path
 import torch
 
 from agents.adaptivity import difficulty_groups
-from agents.cascade import (CascadeModel, ScoredNetwork, cascade_decisions, cascade_for_budget, focused_loss,
-                            gain_standard_error, static_envelope_at)
+from agents.cascade import (ScoredNetwork, cascade_decisions, cascade_for_budget, focused_loss,
+                            gain_standard_error, split_test_for_selection, static_envelope_at)
 from backbone.baselines import mask_string
 from backbone.data.datasets import load_splits
 from backbone.data.streaming import image_size_of
@@ -46,10 +49,10 @@ from backbone.training.loop import predict, resolve_device
 from experiments.common import cli, owning, print_report, report_parser, update_metrics
 from experiments.config import load_config
 from experiments.curves import bracketing
+from experiments.deployed_cascade import STAGE
 from experiments.finetuned import finetuned_on_mask, finetuned_on_masks
 from experiments.pretrain import load_backbone
 
-STAGE = "cascade"
 FULL, FULL_FT = "full backbone", "full backbone + fine-tuning"
 DEFAULT_BUDGETS = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8)
 #: baselines/<prefix>k<blocks>.pt -> the ladder file whose masks they were trained with (experiments.compare).
@@ -219,7 +222,8 @@ def other_run_networks(other: Path, run_dir: Path, splits, full_flops: float, de
 
 @torch.no_grad()
 def cascades_of_run(run_dir: Path, lasts: list[tuple], cost, splits, budgets: list[float], device,
-                    max_stages: int = DEFAULT_STAGES, with_run: Path | None = None, average: bool = False) -> dict:
+                    max_stages: int = DEFAULT_STAGES, with_run: Path | None = None, average: bool = False,
+                    every_other_last: bool = False, select_on_test: float = 0.0, seed: int = 0) -> dict:
     """The cascades of the fixed subsets ``run_dir``'s comparison fine-tuned into the last network
     of ``lasts`` (:func:`last_stages`: the one trained for the images it gets, where the run has
     it), at each budget (chain and thresholds chosen on the held-out images), beside the static
@@ -227,7 +231,10 @@ def cascades_of_run(run_dir: Path, lasts: list[tuple], cost, splits, budgets: li
     per budget: on 5,000 held-out images that choice among full backbones 0.3 points apart on
     test was noise (docs/results.md). ``with_run``: another run on the same data, whose networks
     join the envelope and whose last stage is a second candidate, chosen per budget on the held-out
-    images (:func:`other_run_networks`); ``average``: see :func:`agents.cascade.cascade_for_budget`."""
+    images (:func:`other_run_networks`), or with ``every_other_last`` each of its networks;
+    ``average``: see :func:`agents.cascade.cascade_for_budget`; ``select_on_test``: choose on that
+    share of the test images (drawn with ``seed``) instead of the held-out ones and score on the
+    rest (:func:`agents.cascade.split_test_for_selection`)."""
     subsets = fine_tuned_subsets(run_dir)
     if len(splits.val) == 0:
         raise ConfigError("the cascade's thresholds are chosen on the held-out split: set data.val_fraction > 0")
@@ -242,11 +249,17 @@ def cascades_of_run(run_dir: Path, lasts: list[tuple], cost, splits, budgets: li
     groups, names, how = difficulty_groups(backbone, splits.test)
     val_labels, labels = splits.val.labels.cpu(), splits.test.labels.cpu()
     statics = [*smalls, *larges, *others]
+    other_lasts = others if every_other_last else other_larges[-1:]
+    if select_on_test:
+        statics, val_labels, labels, scored = split_test_for_selection(statics, labels, select_on_test, seed)
+        groups = groups[scored]
+        renamed = {n.name: n for n in statics}
+        smalls, larges, other_lasts = ([renamed[n.name] for n in group] for group in (smalls, larges, other_lasts))
     by_name = {n.name: n for n in statics}
     rows = []
     for budget in budgets:
         found = [cascade_for_budget(smalls, last, budget, val_labels, labels, groups, names, max_stages, average)
-                 for last in [larges[-1], *other_larges[-1:]]]
+                 for last in [larges[-1], *other_lasts]]
         found = [c for c in found if c is not None]
         if not found:
             continue
@@ -263,47 +276,27 @@ def cascades_of_run(run_dir: Path, lasts: list[tuple], cost, splits, budgets: li
     networks = [{"name": n.name, "mask": mask_string(n.mask), "flops_ratio": n.flops_ratio, "file": files[n.name],
                  "accuracy": (n.test_logits.argmax(1) == labels).double().mean().item()} for n in statics]
     return {"networks": networks, "cascades": rows, "difficulty_groups": how,
-            "held_out_images": len(splits.val), "test_images": len(splits.test)}
-
-
-def chosen_cascade(run_dir: Path, budget: float) -> tuple[dict, list[dict]]:
-    """The result row of the cascade ``experiments.cascade`` chose for the budget nearest
-    ``budget`` in ``run_dir``'s metrics, and its networks' records (name, mask, FLOPs, file);
-    a ConfigError when the run has none."""
-    metrics_path = run_dir / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
-    rows = metrics.get(STAGE, {}).get("cascades")
-    if not rows:
-        raise ConfigError(f"{metrics_path} holds no cascades: run python -m experiments.cascade --run {run_dir} first")
-    networks = {n["name"]: n for n in metrics[STAGE]["networks"]}
-    if any("file" not in n for n in networks.values()):  # written before the files were recorded
-        raise ConfigError(f"the cascades in {metrics_path} do not name their networks' files: rerun "
-                          f"python -m experiments.cascade --run {run_dir}")
-    row = min(rows, key=lambda r: abs(r["budget"] - budget))
-    return row, [networks[name] for name in row["chain"]]
-
-
-def load_cascade(run_dir: Path, budget: float, device) -> tuple:
-    """:func:`chosen_cascade` as a :class:`agents.cascade.CascadeModel` on ``device``: (its result
-    row, the model, each network's FLOPs ratio, the run's config)."""
-    row, chain = chosen_cascade(run_dir, budget)
-    models = [load_model(run_dir / n["file"], map_location=device).to(device).eval() for n in chain]
-    masks = [torch.tensor([c == "1" for c in n["mask"]]) for n in chain]
-    cascade = CascadeModel(models, masks, row["thresholds"], average_last=row.get("averaged", False))
-    return row, cascade, [n["flops_ratio"] for n in chain], load_config(run_dir / "config.yaml")
+            "selected_on": "test" if select_on_test else "held-out", "held_out_images": len(val_labels),
+            "test_images": len(labels)}
 
 
 def cascade_study(run_dir: Path, budgets: list[float], max_stages: int = DEFAULT_STAGES, train_missing: bool = False,
-                  with_run: Path | None = None, average: bool = False) -> dict:
+                  with_run: Path | None = None, average: bool = False, every_other_last: bool = False,
+                  select_on_test: float = 0.0) -> dict:
     """:func:`cascades_of_run` of a finished run, stored in its ``metrics.json`` (``cascade``);
     ``train_missing``: first fine-tune the focused networks the run lacks (:func:`focused_subsets`,
-    :func:`last_stages`); ``with_run``, ``average``: see :func:`cascades_of_run`."""
+    :func:`last_stages`); the rest: see :func:`cascades_of_run` (the test images drawn with the
+    run's data split seed)."""
     if not (run_dir / "config.yaml").exists():
         raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
     if max_stages not in (2, 3):
         raise ConfigError(f"--stages must be 2 or 3, got {max_stages}")
     if not budgets or any(not 0 < b <= 1 for b in budgets):
         raise ConfigError(f"--budgets must be FLOPs ratios in (0, 1], got {budgets}")
+    if not 0 <= select_on_test < 1:
+        raise ConfigError(f"--select-on-test must be a share of the test images in (0, 1), got {select_on_test}")
+    if every_other_last and with_run is None:
+        raise ConfigError("--every-other-last offers --with-run's networks as last stages: give --with-run DIR")
     fine_tuned_subsets(run_dir)  # fails before the data are loaded
     cfg = load_config(run_dir / "config.yaml")
     device = resolve_device(cfg.device)
@@ -315,18 +308,20 @@ def cascade_study(run_dir: Path, budgets: list[float], max_stages: int = DEFAULT
             envelope_subsets(cfg, backbone, cost, splits, budgets)
             focused_subsets(cfg, backbone, cost, splits, resume=True)
         lasts = last_stages(cfg, backbone, cost, splits, resume=True, train_missing=train_missing)
-        result = cascades_of_run(run_dir, lasts, cost, splits, budgets, device, max_stages, with_run, average)
+        result = cascades_of_run(run_dir, lasts, cost, splits, budgets, device, max_stages, with_run, average,
+                                 every_other_last, select_on_test, cfg.data.split_seed + 4)
         update_metrics(run_dir, STAGE, result)
     return result
 
 
 def print_text(result: dict) -> None:
-    print(f"static networks (test top-1 on {result['test_images']} images):")
+    scored_on = "the other" if result.get("selected_on") == "test" else "all"
+    print(f"static networks (test top-1 on {scored_on} {result['test_images']} test images):")
     for n in result["networks"]:
         print(f"  {n['name']:<40}{n['mask']:>20}  FLOPs {n['flops_ratio']:.3f}  {100 * n['accuracy']:.2f}%")
     print(f"cascades into the full backbone, as it is or fine-tuned (plainly, or focused on the images the cheapest "
           f"subset is unsure of), or into --with-run's (avg: answers averaged with the sender's); networks and "
-          f"thresholds chosen on {result['held_out_images']} held-out images; "
+          f"thresholds chosen on {result['held_out_images']} {chosen_on(result)} images; "
           f"static: the best single network of at most the cascade's FLOPs, and the best random mixture of two at "
           f"equal FLOPs (the gain is over the mixture, with its standard error paired over the test images):")
     print(f"{'budget':>7}{'networks':>60}{'sent on':>9}{'FLOPs':>7}{'top-1':>8}{'single':>25}{'mixture':>9}{'gain ± s.e.':>14}"
@@ -345,6 +340,11 @@ def print_text(result: dict) -> None:
         if r.get("envelope_lacks"):
             print(f"note: at {r['flops_ratio']:.3f} of the FLOPs the static envelope lacks the fine-tuned "
                   f"{', '.join(r['envelope_lacks'])} (a weaker bound; --train-missing fine-tunes them)")
+
+
+def chosen_on(result: dict) -> str:
+    """Which images the cascades were chosen on ("held-out" in metrics written before session 14)."""
+    return "test" if result.get("selected_on") == "test" else "held-out"
 
 
 def short(name: str) -> str:
@@ -371,8 +371,15 @@ def main() -> None:
     parser.add_argument("--average", action="store_true",
                         help="the last stage may answer with its probabilities averaged with those of the stage that "
                              "sent the image on (both are computed), where that scores better on the held-out images")
+    parser.add_argument("--every-other-last", action="store_true",
+                        help="with --with-run: every network of that run is a candidate last stage, not its full one")
+    parser.add_argument("--select-on-test", type=float, default=0.0, metavar="SHARE",
+                        help="choose chains and thresholds on this share of the test images (a fixed random draw) and "
+                             "score on the rest, instead of choosing on the held-out images: for backbones that were "
+                             "trained on the held-out images (public checkpoints trained on the whole training set)")
     cli(lambda args: print_report(cascade_study(args.run, args.budgets, args.stages, args.train_missing, args.with_run,
-                                                args.average), args.json, print_text), parser)
+                                                args.average, args.every_other_last, args.select_on_test),
+                                  args.json, print_text), parser)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from agents.cascade import (
     focused_loss,
     gain_standard_error,
     run_cascade,
+    split_test_for_selection,
     static_envelope_at,
     threshold_for_share,
 )
@@ -202,6 +203,25 @@ def test_the_deployable_cascade_answers_each_image_with_the_stage_a_held_out_sea
     assert rows[1]["efficiency"] == pytest.approx(rows[1]["time_ratio"] / rows[1]["flops_ratio"])
     with pytest.raises(ValueError, match="2 or more networks"):
         CascadeModel([small], masks[:1], [])
+
+
+def test_a_choice_on_test_images_splits_them_once_for_every_network_and_scores_on_the_rest():
+    torch.manual_seed(0)
+    labels = torch.randint(0, 3, (50,))
+    networks = [ScoredNetwork(f"n{i}", 0.3 * (i + 1), torch.ones(4, dtype=torch.bool), torch.randn(7, 3),
+                              torch.randn(50, 3)) for i in range(3)]
+    split, chosen_labels, scored_labels, scored = split_test_for_selection(networks, labels, 0.4, seed=5)
+    assert [(n.name, n.flops_ratio) for n in split] == [(n.name, n.flops_ratio) for n in networks]
+    assert len(chosen_labels) == 20 and len(scored_labels) == 30 and torch.equal(scored_labels, labels[scored])
+    for before, after in zip(networks, split):
+        assert torch.equal(after.test_logits, before.test_logits[scored])
+        # The held-out side is the other 20 test images, the same ones for every network.
+        rest = torch.tensor([i for i in range(50) if i not in set(scored.tolist())])
+        assert torch.equal(after.held_out_logits, before.test_logits[rest])
+    again = split_test_for_selection(networks, labels, 0.4, seed=5)[3]
+    assert torch.equal(again, scored) and not torch.equal(split_test_for_selection(networks, labels, 0.4, seed=6)[3], scored)
+    with pytest.raises(ValueError, match="leaves no images"):
+        split_test_for_selection(networks, labels, 0.001, seed=5)
 
 
 def test_an_averaged_last_stage_answers_with_both_stages_probabilities():

@@ -5,8 +5,10 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from backbone.models.weights import load_model
+from experiments.deployed_cascade import load_cascade
 from tiny_study import run
 
 
@@ -75,6 +77,23 @@ def test_cascade_cli_takes_another_runs_networks_and_averaged_answers(study, tmp
         assert (tmp_path / "runs" / "tiny" / n["file"]).exists(), n
     load_model(tmp_path / "runs" / "tiny" / networks["other: full backbone + fine-tuning"]["file"])
     assert out["cascades"] and all(isinstance(c["averaged"], bool) for c in out["cascades"])
+    assert out["selected_on"] == "held-out" and out["test_images"] == 120
+    # Every network of the other run a candidate last stage, chosen on half the test images, scored on the rest.
+    done = run("--run", "runs/tiny", "--with-run", "runs/other", "--every-other-last", "--select-on-test", "0.5",
+               "--budgets", "0.6", "0.9", "--json", cwd=tmp_path, module="experiments.cascade")
+    assert done.returncode == 0, done.stderr[-3000:]
+    split = json.loads(done.stdout)
+    assert split["selected_on"] == "test" and split["held_out_images"] == split["test_images"] == 60
+    assert split["cascades"] and all(sum(c["adaptivity"]["blocks_histogram"]) == 60 for c in split["cascades"])
+    scored = {n["name"]: n["accuracy"] for n in split["networks"]}  # the envelope on the same 60 images
+    assert all(c["static"]["single"]["accuracy"] == scored[c["static"]["single"]["name"]] for c in split["cascades"])
+    # The chosen cascade loads as one model, its networks from both runs.
+    row, cascade, flops, _ = load_cascade(tmp_path / "runs" / "tiny", 0.9, "cpu")
+    assert len(flops) == len(row["chain"]) and cascade(torch.zeros(3, 3, 32, 32, dtype=torch.uint8)).shape == (3, 4)
+    assert "--every-other-last offers --with-run's networks" in run(
+        "--run", "runs/tiny", "--every-other-last", cwd=tmp_path, module="experiments.cascade").stderr
+    assert "--select-on-test must be a share" in run(
+        "--run", "runs/tiny", "--select-on-test", "1", cwd=tmp_path, module="experiments.cascade").stderr
     # Another run on other data is refused with one clear message.
     config.write_text(config.read_text().replace("test_size: 120", "test_size: 100"))
     refused = run("--run", "runs/tiny", "--with-run", "runs/other", cwd=tmp_path, module="experiments.cascade")
