@@ -317,8 +317,9 @@ def cascade_study(run_dir: Path, budgets: list[float], max_stages: int = DEFAULT
 def print_text(result: dict) -> None:
     scored_on = "the other" if result.get("selected_on") == "test" else "all"
     print(f"static networks (test top-1 on {scored_on} {result['test_images']} test images):")
+    width = max(len(n["name"]) for n in result["networks"]) + 2  # another run's names are longer
     for n in result["networks"]:
-        print(f"  {n['name']:<40}{n['mask']:>20}  FLOPs {n['flops_ratio']:.3f}  {100 * n['accuracy']:.2f}%")
+        print(f"  {n['name']:<{width}}{n['mask']:>22}  FLOPs {n['flops_ratio']:.3f}  {100 * n['accuracy']:.2f}%")
     print(f"cascades into the full backbone, as it is or fine-tuned (plainly, or focused on the images the cheapest "
           f"subset is unsure of), or into --with-run's (avg: answers averaged with the sender's); networks and "
           f"thresholds chosen on {result['held_out_images']} {chosen_on(result)} images; "
