@@ -118,6 +118,11 @@ def threshold_for_share(held_out_confidence: torch.Tensor, share: float) -> floa
     return ranked[min(int(round(share * len(ranked))), len(ranked) - 1)].item()
 
 
+def averaged_probabilities(sender_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """A last stage's averaged answer: its softmax and its sender's, averaged."""
+    return (sender_logits.float().softmax(1) + logits.float().softmax(1)) / 2
+
+
 def cascade_decisions(chain: list[ScoredNetwork], thresholds: list[float], held_out: bool = False,
                       average: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(prediction per image, the stage that answered it) of the cascade ``chain`` (cheapest
@@ -131,7 +136,7 @@ def cascade_decisions(chain: list[ScoredNetwork], thresholds: list[float], held_
     predictions = [p for _, p in scored]
     if average:
         sender, last = (n.held_out_logits if held_out else n.test_logits for n in chain[-2:])
-        predictions[-1] = (sender.float().softmax(1) + last.float().softmax(1)).argmax(1)
+        predictions[-1] = averaged_probabilities(sender, last).argmax(1)
     prediction = torch.stack(predictions).gather(0, stage[None]).squeeze(0)
     return prediction, stage
 
@@ -294,7 +299,7 @@ class CascadeModel(torch.nn.Module):
     def _answer_of(self, i: int, images: torch.Tensor, sender_logits: torch.Tensor) -> torch.Tensor:
         logits = self.stage_logits(i, images)
         if self.average_last and i == len(self.stages) - 1:
-            return ((sender_logits.float().softmax(1) + logits.float().softmax(1)) / 2).log()
+            return averaged_probabilities(sender_logits, logits).log()
         return logits
 
     @torch.no_grad()

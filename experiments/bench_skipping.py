@@ -160,6 +160,10 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+#: What docs/results.md and the issues hold the skipping machinery to.
+TARGET_EFFICIENCY = 0.9
+
+
 def print_table(records: list[dict]) -> None:
     header = (f"{'arch':<12}{'batch':>6}{'mask':>10}{'keep':>6}{'full ms':>10}{'masked ms':>11}{'time frac':>10}"
               f"{'FLOPs ratio':>12}{'time ratio':>11}{'efficiency':>11}{'peak MiB full/masked':>22}"
@@ -180,9 +184,6 @@ def print_table(records: list[dict]) -> None:
     print(f": {capped} of them where even a runner at no cost stays under it (cap), "
           f"{len(short) - capped} where the runner's own cost decides" if short else "")
 
-
-#: What docs/results.md and the issues hold the skipping machinery to.
-TARGET_EFFICIENCY = 0.9
 
 
 def _mib(value: float | None) -> str:

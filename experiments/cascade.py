@@ -253,9 +253,8 @@ def cascades_of_run(run_dir: Path, lasts: list[tuple], cost, splits, budgets: li
     if select_on_test:
         statics, val_labels, labels, scored = split_test_for_selection(statics, labels, select_on_test, seed)
         groups = groups[scored]
-        renamed = {n.name: n for n in statics}
-        smalls, larges, other_lasts = ([renamed[n.name] for n in group] for group in (smalls, larges, other_lasts))
     by_name = {n.name: n for n in statics}
+    smalls, larges, other_lasts = ([by_name[n.name] for n in group] for group in (smalls, larges, other_lasts))
     rows = []
     for budget in budgets:
         found = [cascade_for_budget(smalls, last, budget, val_labels, labels, groups, names, max_stages, average)

@@ -1,17 +1,13 @@
 """The pretrain script as a user runs it: exit codes, messages, run directories."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from backbone.models.weights import load_model
+from tiny_study import run as run_module
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = """
 name: tiny
 data: {train_size: 300, test_size: 100, num_classes: 4, val_fraction: 0.2}
@@ -21,10 +17,7 @@ pretrain: {epochs: 2, batch_size: 32, warmup_epochs: 0, stochastic_depth: 0.2}
 
 
 def run(*args, cwd):
-    return subprocess.run(
-        [sys.executable, "-m", "experiments.pretrain", *args], cwd=cwd, capture_output=True, text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}, timeout=300,
-    )
+    return run_module(*args, cwd=cwd, module="experiments.pretrain")
 
 
 @pytest.fixture(scope="module")
